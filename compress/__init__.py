@@ -1,0 +1,1 @@
+"""Compression of tuneforge runs: ONNX export with parity gates, quantization, pruning, distillation."""

@@ -1,0 +1,167 @@
+"""Checkpoints for resume: accelerate state + the loop's position, written atomically, rotated, best tracked.
+
+A checkpoint is `checkpoints/step_N/` holding accelerate's `save_state` output (model as safetensors, optimizer,
+scheduler, RNG states of every process) and `train_state.json` (step, epoch, position in the epoch, best metric,
+early-stopping counter). It is written under `checkpoints/.tmp-step_N/` and renamed into place only when complete,
+so a run killed mid-save leaves nothing that `resume_from=latest` could pick up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from finetune.errors import CheckpointError, ConfigError
+from finetune.rundir import write_json
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to write checkpoints, how many to keep, where to resume from, and which metric picks the best model."""
+
+    every_n_steps: int = 0  # optimizer steps between checkpoints; 0: only at epoch ends
+    at_epoch_end: bool = True
+    keep_last: int = 2  # older step_N folders are deleted
+    resume_from: str | None = None  # "latest" or a checkpoint folder
+    select_best: bool = True  # the run's model/ is the best evaluated one; false: the last one
+    best_metric: str = "eval_loss"  # a key of the eval metrics
+    best_mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {self.keep_last}")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when `metric` has not improved by `min_delta` for `patience` evaluations (checked at every eval)."""
+
+    patience: int = 0  # 0: off
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: everything besides model/optimizer/scheduler/RNG that a resume needs."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    samples_seen: int = 0  # training samples over all processes
+    best_metric: float | None = None
+    best_step: int | None = None
+    stale_evals: int = 0  # evaluations since early_stopping.metric last improved
+    early_stopping_best: float | None = None
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` in direction `mode`."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def update_early_stopping(state: TrainState, metrics: dict[str, float], cfg: EarlyStoppingConfig) -> bool:
+    """Record one evaluation; return True when training should stop."""
+    if cfg.patience <= 0:
+        return False
+    value = metric_value(metrics, cfg.metric, "early_stopping.metric")
+    if improved(value, state.early_stopping_best, cfg.mode, cfg.min_delta):
+        state.early_stopping_best, state.stale_evals = value, 0
+    else:
+        state.stale_evals += 1
+    return state.stale_evals >= cfg.patience
+
+
+def metric_value(metrics: dict[str, Any], name: str, key: str) -> float:
+    """`metrics[name]` as a float, or a ConfigError listing the metric names there are."""
+    if name not in metrics or not isinstance(metrics[name], (int, float)):
+        names = [k for k, v in metrics.items() if isinstance(v, (int, float))]
+        raise ConfigError(f"{key} is {name!r}, which the evaluation does not report; use one of {', '.join(names)}")
+    return float(metrics[name])
+
+
+class CheckpointManager:
+    """Save (atomically, rotating old ones) and load checkpoints of one run; every process calls both."""
+
+    def __init__(self, accelerator: Any, run_dir: str | Path, cfg: CheckpointConfig):
+        self.accelerator = accelerator
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+
+    def save(self, state: TrainState) -> Path:
+        """Write `checkpoints/step_N` atomically (temp folder + rename), then delete those beyond `keep_last`."""
+        acc = self.accelerator
+        final = self.dir / f"step_{state.global_step}"
+        tmp = self.dir / f".tmp-step_{state.global_step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_json(tmp / STATE_FILE, dataclasses.asdict(state))
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._rotate()
+            logger.info("checkpoint saved: %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> TrainState:
+        """Restore model, optimizer, scheduler and RNG states from `path`; return the loop position."""
+        self.accelerator.load_state(str(path))
+        state = read_train_state(path)
+        logger.info("resumed from %s at step %d", path, state.global_step)
+        return state
+
+    def _rotate(self) -> None:
+        for old in complete_checkpoints(self.dir.parent)[:-self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.dir.glob(".tmp-step_*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written temp folders are never listed)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(run_dir: str | Path, resume_from: str) -> Path:
+    """`latest` -> the run's newest complete checkpoint; a path -> that folder, if it is complete."""
+    if resume_from == "latest":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"resume_from=latest but {Path(run_dir) / 'checkpoints'} holds no complete "
+                                  "checkpoint; drop checkpoint.resume_from to start fresh")
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE}); use "
+                              "checkpoint.resume_from=latest or a checkpoints/step_N folder")
+    return path
+
+
+def read_train_state(checkpoint: str | Path) -> TrainState:
+    """The loop position stored in a checkpoint."""
+    return TrainState(**json.loads((Path(checkpoint) / STATE_FILE).read_text()))

@@ -1,0 +1,306 @@
+"""Text datasets: load (embedded, local csv/tsv/json/jsonl/parquet, or hub id), map labels, tokenize, batch.
+
+Sources, in the order they are tried:
+  - `embedded:NAME`: a dataset that ships in this package (`finetune/datasets/NAME/{train,test}.csv`);
+  - a local file or a folder of files (read with `datasets`' packaged builders);
+  - a hub dataset id (needs network; fails fast with HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Sampler
+
+from finetune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATASETS = Path(__file__).parent / "datasets"
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text data is and which columns hold the text(s) and the label."""
+
+    train: str = "embedded:reviews"  # embedded:NAME, a local file / folder, or a hub dataset id
+    eval: str | None = None  # a local file, or a split name of `train`'s dataset; None: its test split or a held-out part
+    hub_config: str | None = None  # the hub dataset's config name (e.g. "sst2" of "nyu-mll/glue")
+    train_split: str = "train"
+    eval_fraction: float = 0.1  # held out of train when no eval split exists
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_names: list[str] | None = None  # fixes the label order; default: sorted labels of the train split
+    max_length: int = 128  # tokens; longer texts are truncated
+    max_train_samples: int | None = None  # a random subset (fixed by the seed), for quick runs and benchmarks
+    max_eval_samples: int | None = None
+    quoting: Literal["auto", "minimal", "none"] = "auto"  # csv quoting; auto: none for .tsv, minimal for .csv
+    group_by_length: bool = False  # batch texts of similar length together: less padding, faster epochs
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+
+
+def load_raw_splits(cfg: TextDataConfig, seed: int) -> dict[str, Any]:
+    """Load the raw train and eval splits as `datasets.Dataset`s: {"train": ..., "eval": ...}."""
+    train_src = cfg.train
+    eval_src = cfg.eval
+    if train_src.startswith("embedded:"):
+        name = train_src.split(":", 1)[1]
+        folder = EMBEDDED_DATASETS / name
+        if not (folder / "train.csv").is_file():
+            known = sorted(p.name for p in EMBEDDED_DATASETS.iterdir() if (p / "train.csv").is_file())
+            raise DataError(f"no embedded dataset {name!r}; embedded datasets: {', '.join(known)}")
+        train_src = str(folder / "train.csv")
+        eval_src = eval_src or str(folder / "test.csv")
+
+    _check_local(train_src, "data.train")
+    if eval_src is not None:
+        _check_local(eval_src, "data.eval")
+    if Path(train_src).exists():
+        train = _load_local(train_src, cfg)
+        if eval_src is not None and Path(eval_src).exists():
+            evals = _load_local(eval_src, cfg)
+        elif eval_src is not None:
+            raise DataError(f"eval file {eval_src!r} not found; set data.eval to an existing file or leave it empty "
+                            "to hold out data.eval_fraction of train")
+        else:
+            train, evals = _hold_out(train, cfg.eval_fraction, seed)
+    else:
+        train, evals = _load_hub(train_src, eval_src, cfg, seed)
+
+    splits = {"train": train, "eval": evals}
+    for name, ds in splits.items():
+        if len(ds) == 0:
+            raise DataError(f"the {name} split of {cfg.train!r} is empty; point data.{name} at a file with rows")
+        limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
+        if limit is not None and limit < len(ds):
+            splits[name] = ds.shuffle(seed=seed).select(range(limit))
+    return splits
+
+
+def _check_local(source: str, key: str) -> None:
+    """A source that looks like a file path (not a hub id or split name) must exist."""
+    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS
+    if looks_local and not Path(source).expanduser().exists():
+        raise DataError(f"data file {source!r} does not exist; fix {key} (paths are relative to {Path.cwd()})")
+
+
+def _load_local(path: str, cfg: TextDataConfig) -> Any:
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in _BUILDERS)
+        if not files:
+            raise DataError(f"folder {path!r} holds no data files ({', '.join(_BUILDERS)}); point at a file instead")
+        suffix = files[0].suffix
+        data_files = [str(f) for f in files if f.suffix == suffix]
+    else:
+        suffix = p.suffix.lower()
+        data_files = [str(p)]
+    if suffix not in _BUILDERS:
+        raise DataError(f"cannot read {path!r}: unknown extension {suffix!r}; use one of {', '.join(_BUILDERS)}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"{path!r} is empty; it needs a header row and at least one data row")
+    kwargs: dict[str, Any] = {}
+    if _BUILDERS[suffix] == "csv":
+        kwargs["delimiter"] = "\t" if suffix == ".tsv" else ","
+        no_quoting = cfg.quoting == "none" or (cfg.quoting == "auto" and suffix == ".tsv")
+        kwargs["quoting"] = csv.QUOTE_NONE if no_quoting else csv.QUOTE_MINIMAL
+    try:
+        return datasets.load_dataset(_BUILDERS[suffix], data_files=data_files, split="train", **kwargs)
+    except Exception as err:  # datasets wraps parser errors in several exception types
+        cause = err.__cause__ or err
+        raise DataError(f"cannot parse {path!r} as {suffix} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+                        "check the file's format") from None
+
+
+def _load_hub(dataset_id: str, eval_split: str | None, cfg: TextDataConfig, seed: int) -> tuple[Any, Any]:
+    import datasets
+
+    try:
+        dsd = datasets.load_dataset(dataset_id, cfg.hub_config)
+    except Exception as err:
+        raise DataError(f"data.train {dataset_id!r} is not a local file or folder, and loading it from the hub "
+                        f"failed ({type(err).__name__}); check the path, or go online for a hub dataset") from None
+    if cfg.train_split not in dsd:
+        raise DataError(f"{dataset_id!r} has no split {cfg.train_split!r} (splits: {', '.join(dsd)}); set data.train_split")
+    train = dsd[cfg.train_split]
+    if eval_split is None:
+        eval_split = next((s for s in ("validation", "test") if s in dsd), None)
+    if eval_split is None:
+        return _hold_out(train, cfg.eval_fraction, seed)
+    if eval_split not in dsd:
+        raise DataError(f"{dataset_id!r} has no split {eval_split!r} (splits: {', '.join(dsd)}); set data.eval")
+    return train, dsd[eval_split]
+
+
+def _hold_out(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    if len(ds) < 2:
+        raise DataError(f"cannot hold out an eval split from {len(ds)} row(s); add rows or set data.eval")
+    parts = ds.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def encode_labels(splits: dict[str, Any], cfg: TextDataConfig, *, regression: bool,
+                  num_labels: int | None = None) -> tuple[dict[str, Any], list[str] | None]:
+    """Add an integer (or float, for regression) `labels` column; return the splits and the label names.
+
+    String labels map to ids in `cfg.label_names` order (default: sorted train labels); integer labels must lie
+    in [0, num_labels). `num_labels`, when given, must match the number of labels found.
+    """
+    for name, ds in splits.items():
+        for column in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
+            if column is not None and column not in ds.column_names:
+                key = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}.get(
+                    column, "data.text_pair_column")
+                raise DataError(f"column {column!r} not found in the {name} split "
+                                f"(columns: {', '.join(ds.column_names)}); set {key}")
+    if regression:
+        def to_float(batch: dict[str, list]) -> dict[str, list]:
+            try:
+                return {"labels": [float(v) for v in batch[cfg.label_column]]}
+            except (TypeError, ValueError):
+                raise DataError(f"regression needs numeric labels in column {cfg.label_column!r}; found "
+                                f"{next(v for v in batch[cfg.label_column] if not _is_number(v))!r}") from None
+        return {n: ds.map(to_float, batched=True, desc=f"labels ({n})") for n, ds in splits.items()}, None
+
+    train_values = splits["train"].unique(cfg.label_column)
+    if any(v is None for v in train_values):
+        raise DataError(f"the train split has empty labels in column {cfg.label_column!r}; fill or drop those rows")
+    if all(isinstance(v, str) for v in train_values):
+        names = list(cfg.label_names) if cfg.label_names else sorted(train_values)
+        unknown = sorted(set(train_values) - set(names))
+        if unknown:
+            raise DataError(f"labels {unknown} are not in data.label_names {names}; add them or fix the data")
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in train_values):
+        if min(train_values) < 0:
+            raise DataError(f"integer labels must be >= 0, found {min(train_values)} in column {cfg.label_column!r}")
+        count = max(len(cfg.label_names or []), num_labels or 0, max(train_values) + 1)
+        names = list(cfg.label_names) if cfg.label_names else [str(i) for i in range(count)]
+        if max(train_values) >= len(names):
+            raise DataError(f"label {max(train_values)} is out of range for {len(names)} label names; "
+                            "fix data.label_names")
+    else:
+        raise DataError(f"column {cfg.label_column!r} holds {sorted({type(v).__name__ for v in train_values})} "
+                        "values; classification needs strings or integers (for numbers, set task: regression)")
+    if num_labels is not None and num_labels != len(names):
+        raise DataError(f"the data has {len(names)} labels ({', '.join(names)}) but model.num_labels is "
+                        f"{num_labels}; set model.num_labels to {len(names)} or leave it empty")
+    to_id = {name: i for i, name in enumerate(names)}
+
+    def map_labels(batch: dict[str, list], split: str) -> dict[str, list]:
+        ids = []
+        for v in batch[cfg.label_column]:
+            key = v if isinstance(v, str) else (names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
+            if key not in to_id:
+                raise DataError(f"label {v!r} in the {split} split is not one of the train labels {names}; "
+                                "fix the data or set data.label_names")
+            ids.append(to_id[key])
+        return {"labels": ids}
+
+    return {n: ds.map(map_labels, batched=True, fn_kwargs={"split": n}, desc=f"labels ({n})")
+            for n, ds in splits.items()}, names
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def tokenize_splits(splits: dict[str, Any], tokenizer: Any, cfg: TextDataConfig) -> dict[str, Any]:
+    """Tokenize (truncating to `cfg.max_length`, no padding: batches pad dynamically) and keep only model inputs."""
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        texts = [t if isinstance(t, str) else "" for t in batch[cfg.text_column]]
+        pairs = None
+        if cfg.text_pair_column:
+            pairs = [t if isinstance(t, str) else "" for t in batch[cfg.text_pair_column]]
+        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    out = {}
+    for name, ds in splits.items():
+        keep = {"labels"}
+        tokenized = ds.map(tokenize, batched=True, desc=f"tokenize ({name})")
+        keep |= {c for c in tokenized.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "length")}
+        out[name] = tokenized.remove_columns([c for c in tokenized.column_names if c not in keep])
+    return out
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    With `lengths`, indices are grouped by length: shuffled, cut into megabatches of 50 global batches, each sorted
+    longest first (as transformers' LengthGroupedSampler), so batches pad little. `global_batch_size` is the
+    batch size summed over processes, so 1 process x 8 and 2 processes x 4 see the same examples per step.
+    """
+
+    def __init__(self, size: int, *, seed: int, lengths: Sequence[int] | None = None, global_batch_size: int = 1):
+        self.size = size
+        self.seed = seed
+        self.lengths = lengths
+        self.global_batch_size = global_batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        mega = 50 * self.global_batch_size
+        chunks = [sorted(order[i:i + mega], key=lambda j: -self.lengths[j]) for i in range(0, self.size, mega)]
+        # The longest megabatch first: an out-of-memory shows at step 1, not hours in.
+        longest = max(range(len(chunks)), key=lambda c: self.lengths[chunks[c][0]])
+        chunks[0], chunks[longest] = chunks[longest], chunks[0]
+        return iter([i for chunk in chunks for i in chunk])
+
+
+def build_dataloaders(tokenized: dict[str, Any], tokenizer: Any, cfg: TextDataConfig, *, batch_size: int,
+                      eval_batch_size: int, seed: int, num_processes: int) -> tuple[Any, Any]:
+    """Train loader (deterministic shuffle, optional length grouping) and eval loader (length-sorted, no shuffle)."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    collator = DataCollatorWithPadding(tokenizer)
+    train = tokenized["train"]
+    sampler = EpochSampler(len(train), seed=seed, lengths=list(train["length"]) if cfg.group_by_length else None,
+                           global_batch_size=batch_size * num_processes)
+    train_loader = DataLoader(train.remove_columns("length"), batch_size=batch_size, sampler=sampler,
+                              collate_fn=collator, generator=torch.Generator().manual_seed(seed))
+    evals = tokenized["eval"]
+    # Sorting eval by length keeps padding (and time) low; metrics do not depend on order.
+    eval_lengths = list(evals["length"])
+    eval_order = sorted(range(len(eval_lengths)), key=eval_lengths.__getitem__)
+    eval_loader = DataLoader(evals.select(eval_order).remove_columns("length"), batch_size=eval_batch_size,
+                             shuffle=False, collate_fn=collator)
+    return train_loader, eval_loader
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int, cap: int | None) -> int:
+    """Optimizer updates in one epoch of `num_batches` (per-process) batches, capped by `max_steps_per_epoch`."""
+    steps = math.ceil(num_batches / gradient_accumulation_steps)
+    return min(steps, cap) if cap else steps

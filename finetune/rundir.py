@@ -1,0 +1,63 @@
+"""The run directory: resolved config, model/, metrics.json, checkpoints/, logs/, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+TASK_FILE = "tuneforge.json"  # task metadata that compress/ and serve/ read next to the weights
+
+
+def prepare_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory; refuse to mix a new run into an old one unless resuming or overwriting.
+
+    Every process checks before any changes (so all fail alike), then only the main process deletes or creates.
+    """
+    run_dir = Path(path)
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if occupied and not resume and not overwrite:
+        raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
+                          "continue it, train.overwrite=true to replace it, or another train.output_dir")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if occupied and not resume:
+            shutil.rmtree(run_dir)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename): readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Path, task: dict[str, Any]) -> None:
+    """save_pretrained (safetensors) + tokenizer/processor + task metadata, atomically; every process calls it.
+
+    The state dict is gathered through the accelerator, so this works under DDP, FSDP and DeepSpeed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        write_json(tmp / TASK_FILE, task)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()

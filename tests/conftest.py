@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny 2-layer BERT with a tokenizer built here, tiny datasets, and a recipe runner.
+
+Nothing is downloaded: HF_HUB_OFFLINE=1 makes an accidental hub access fail fast.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = "good great excellent lovely superb happy fine wonderful nice perfect".split()
+NEGATIVE = "bad awful terrible poor horrible sad broken ugly worst boring".split()
+NEUTRAL = "the a it was is this product movie item really quite very and but so".split()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run tests that need real weights or shared data")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """datasets' cache in a temp dir, so tests never reuse (or pollute) the user's cache."""
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))
+
+
+def make_tokenizer_dir(path: Path) -> Path:
+    """A WordPiece BERT tokenizer over the test vocabulary, saved as a transformers tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted(set(POSITIVE + NEGATIVE + NEUTRAL))
+    vocab = {tok: i for i, tok in enumerate(specials + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+                                            + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'"))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+    fast.save_pretrained(path)
+    return path
+
+
+def make_tiny_bert(path: Path, *, dropout: float = 0.0, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT encoder (random weights) plus tokenizer, saved like a pretrained checkpoint."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    make_tokenizer_dir(path)
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(path))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, classifier_dropout=dropout)
+    BertModel(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_sentiment_csv(path: Path, rows: int, *, seed: int, header: str = "text,sentiment,score") -> Path:
+    """Rows of neutral filler plus 1-2 polar words; the label follows the polar words (learnable by a tiny BERT)."""
+    rng = random.Random(seed)
+    lines = [header]
+    for _ in range(rows):
+        positive = rng.random() < 0.5
+        polar = rng.sample(POSITIVE if positive else NEGATIVE, rng.randint(1, 2))
+        words = rng.sample(NEUTRAL, rng.randint(2, 8)) + polar
+        rng.shuffle(words)
+        score = round(rng.uniform(3.5, 5.0) if positive else rng.uniform(1.0, 2.5), 2)
+        lines.append(f"{' '.join(words)},{'positive' if positive else 'negative'},{score}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dropout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_dropout"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train.csv (96 rows) and eval.csv (17 rows: an odd count, so 2 processes must not double-count one)."""
+    folder = tmp_path_factory.mktemp("sentiment")
+    return {"train": make_sentiment_csv(folder / "train.csv", 96, seed=1),
+            "eval": make_sentiment_csv(folder / "eval.csv", 17, seed=2)}
+
+
+def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run `recipes/<recipe>.py` in a subprocess from the repo root (as a user would), capturing its output."""
+    cmd = [*(launcher or [sys.executable]), str(REPO / "recipes" / f"{recipe}.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
