@@ -32,7 +32,8 @@ class TextDataConfig:
     """Where the text data is and which columns hold the text(s) and the label."""
 
     train: str = "embedded:reviews"  # embedded:NAME, a local file / folder, or a hub dataset id
-    eval: str | None = None  # a local file, or a split name of `train`'s dataset; None: its test split or a held-out part
+    # A local file, or a split name of `train`'s hub dataset; None: its test split or a held-out part of train.
+    eval: str | None = None
     hub_config: str | None = None  # the hub dataset's config name (e.g. "sst2" of "nyu-mll/glue")
     train_split: str = "train"
     eval_fraction: float = 0.1  # held out of train when no eval split exists
@@ -124,6 +125,8 @@ def _load_local(path: str, cfg: TextDataConfig) -> Any:
         return datasets.load_dataset(_BUILDERS[suffix], data_files=data_files, split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
         cause = err.__cause__ or err
+        if "corresponds to no data" in str(cause):  # a header row and nothing else
+            raise DataError(f"{path!r} is empty: it has a header row but no data rows; add rows") from None
         raise DataError(f"cannot parse {path!r} as {suffix} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
                         "check the file's format") from None
 
@@ -137,7 +140,8 @@ def _load_hub(dataset_id: str, eval_split: str | None, cfg: TextDataConfig, seed
         raise DataError(f"data.train {dataset_id!r} is not a local file or folder, and loading it from the hub "
                         f"failed ({type(err).__name__}); check the path, or go online for a hub dataset") from None
     if cfg.train_split not in dsd:
-        raise DataError(f"{dataset_id!r} has no split {cfg.train_split!r} (splits: {', '.join(dsd)}); set data.train_split")
+        raise DataError(f"{dataset_id!r} has no split {cfg.train_split!r} (splits: {', '.join(dsd)}); "
+                        "set data.train_split")
     train = dsd[cfg.train_split]
     if eval_split is None:
         eval_split = next((s for s in ("validation", "test") if s in dsd), None)

@@ -23,7 +23,8 @@ class ClassificationMetrics(evaluate.Metric):
             description="Single-label classification metrics.",
             citation=_CITATION,
             inputs_description="predictions: class ids; references: class ids; prediction_scores (optional, "
-                               "[n, num_labels] probabilities) for ROC-AUC; num_labels; average: binary|macro|micro|weighted.",
+                               "[n, num_labels] probabilities) for ROC-AUC; num_labels; "
+                               "average: binary|macro|micro|weighted.",
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
@@ -144,7 +145,7 @@ def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float:
     ranks = np.empty(len(score), dtype=np.float64)
     # Average rank (1-based) over each run of tied scores.
     _, start, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for s, c in zip(start, counts):
+    for s, c in zip(start, counts, strict=True):
         ranks[order[s:s + c]] = s + (c + 1) / 2.0
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))

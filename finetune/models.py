@@ -85,5 +85,5 @@ def build_sequence_classifier(cfg: ModelConfig, *, label_names: list[str] | None
     model = _from_pretrained(AutoModelForSequenceClassification, source, "model", problem_type=problem_type,
                              trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **kwargs)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model

@@ -29,13 +29,13 @@ class OptimConfig:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW where 1-D parameters (biases, LayerNorm/BatchNorm weights) get no weight decay."""
+    """AdamW (fused kernel: one pass over all parameters) where 1-D parameters (biases, norms) get no weight decay."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=True)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -23,11 +23,26 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from finetune.checkpoint import (CheckpointConfig, CheckpointManager, EarlyStoppingConfig, TrainState, improved,
-                                 metric_value, read_train_state, resolve_checkpoint, update_early_stopping)
+from finetune.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    EarlyStoppingConfig,
+    TrainState,
+    improved,
+    metric_value,
+    read_train_state,
+    resolve_checkpoint,
+    update_early_stopping,
+)
 from finetune.config import config_to_dict, parse_config, save_config
-from finetune.data import (TextDataConfig, build_dataloaders, encode_labels, load_raw_splits, steps_per_epoch,
-                           tokenize_splits)
+from finetune.data import (
+    TextDataConfig,
+    build_dataloaders,
+    encode_labels,
+    load_raw_splits,
+    steps_per_epoch,
+    tokenize_splits,
+)
 from finetune.errors import ConfigError, exit_on_user_error
 from finetune.evaluation import predict, score_classifier, score_regressor
 from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer

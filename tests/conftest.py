@@ -18,9 +18,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-POSITIVE = "good great excellent lovely superb happy fine wonderful nice perfect".split()
-NEGATIVE = "bad awful terrible poor horrible sad broken ugly worst boring".split()
-NEUTRAL = "the a it was is this product movie item really quite very and but so".split()
+POSITIVE = ["good", "great", "excellent", "lovely", "superb", "happy", "fine", "wonderful", "nice",
+            "perfect"]
+NEGATIVE = ["bad", "awful", "terrible", "poor", "horrible", "sad", "broken", "ugly", "worst", "boring"]
+NEUTRAL = ["the", "a", "it", "was", "is", "this", "product", "movie", "item", "really", "quite", "very",
+           "and", "but", "so"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,7 +54,8 @@ def make_tokenizer_dir(path: Path) -> Path:
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     words = sorted(set(POSITIVE + NEGATIVE + NEUTRAL))
-    vocab = {tok: i for i, tok in enumerate(specials + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = {tok: i for i, tok in enumerate(specials + words + pieces
                                             + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'"))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -85,7 +88,7 @@ def make_tiny_bert(path: Path, *, dropout: float = 0.0, seed: int = 0) -> Path:
 
 
 def make_sentiment_csv(path: Path, rows: int, *, seed: int, header: str = "text,sentiment,score") -> Path:
-    """Rows of neutral filler plus 1-2 polar words; the label follows the polar words (learnable by a tiny BERT)."""
+    """Rows of neutral filler plus 1-2 polar words; the label follows the polar words (a tiny BERT learns)."""
     rng = random.Random(seed)
     lines = [header]
     for _ in range(rows):
@@ -119,10 +122,11 @@ def sentiment_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,
                check: bool = True) -> subprocess.CompletedProcess:
-    """Run `recipes/<recipe>.py` in a subprocess from the repo root (as a user would), capturing its output."""
+    """Run `recipes/<recipe>.py` in a subprocess from the repo root (as a user would), capturing output."""
     cmd = [*(launcher or [sys.executable]), str(REPO / "recipes" / f"{recipe}.py"), *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc

@@ -61,7 +61,8 @@ def test_recipe_end_to_end_learns_and_writes_a_complete_run_dir(tiny_bert, senti
 
 def test_regression_task(tiny_bert, sentiment_data, tmp_path):
     out = tmp_path / "reg"
-    run_recipe("text_classification", "--config", "recipes/configs/text_classification/rating_regression.yaml",
+    run_recipe("text_classification",
+               "--config", "recipes/configs/text_classification/rating_regression.yaml",
                f"model.name_or_path={tiny_bert}", f"data.train={sentiment_data['train']}",
                f"data.eval={sentiment_data['eval']}", "data.label_column=score", f"train.output_dir={out}",
                "train.batch_size=8", "train.epochs=3", "optim.lr=3.0e-3", "train.log_every_n_steps=1")
@@ -73,8 +74,12 @@ def test_regression_task(tiny_bert, sentiment_data, tmp_path):
 
 
 def test_kill_and_resume_matches_the_uninterrupted_run(tiny_bert_dropout, sentiment_data, tmp_path):
-    """A SIGKILL mid-training, then resume_from=latest, ends with the same weights (dropout on: RNG restored)."""
-    args = ["train.epochs=6", "checkpoint.every_n_steps=5", "checkpoint.keep_last=3", "train.max_grad_norm=1.0"]
+    """A SIGKILL mid-training, then resume_from=latest, ends with the same weights.
+
+    Dropout is on, so this also checks that the RNG states are restored.
+    """
+    args = ["train.epochs=6", "checkpoint.every_n_steps=5", "checkpoint.keep_last=3",
+            "train.max_grad_norm=1.0"]
     full = tmp_path / "full"
     run_recipe("text_classification", *tiny_args(tiny_bert_dropout, sentiment_data, full, *args))
 
@@ -83,7 +88,8 @@ def test_kill_and_resume_matches_the_uninterrupted_run(tiny_bert_dropout, sentim
            *tiny_args(tiny_bert_dropout, sentiment_data, killed, *args)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step_15").exists() and proc.poll() is None and time.time() < deadline:
+    target = killed / "checkpoints" / "step_15"
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -99,7 +105,8 @@ def test_kill_and_resume_matches_the_uninterrupted_run(tiny_bert_dropout, sentim
     assert worst < 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
     full_log = {e["step"]: e for e in read_log(full) if "train_loss" in e}
     killed_log = {e["step"]: e for e in read_log(killed) if "train_loss" in e}
-    assert sorted(killed_log) == sorted(full_log) == list(range(1, 73)), "the resumed log must read as one run"
+    assert sorted(killed_log) == sorted(full_log) == list(range(1, 73)), \
+        "the resumed log must read as one run"
     assert killed_log[72]["train_loss"] == pytest.approx(full_log[72]["train_loss"], abs=1e-6)
 
 
@@ -114,12 +121,14 @@ def test_half_written_checkpoint_is_never_resumed(tiny_bert, sentiment_data, tmp
     (ckpts / "step_40" / "train_state.json").unlink()
     proc = run_recipe("text_classification", *tiny_args(tiny_bert, sentiment_data, out, "train.epochs=2",
                                                           "checkpoint.resume_from=latest"))
-    assert "resumed from" in proc.stderr and "step_12" in proc.stderr.split("resumed from", 1)[1].splitlines()[0]
+    assert "resumed from" in proc.stderr
+    assert "step_12" in proc.stderr.split("resumed from", 1)[1].splitlines()[0]
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 24
 
 
 @pytest.mark.parametrize("group_by_length", ["false", "true"])
-def test_two_processes_match_one_with_the_same_global_batch(tiny_bert, sentiment_data, tmp_path, group_by_length):
+def test_two_processes_match_one_with_the_same_global_batch(tiny_bert, sentiment_data, tmp_path,
+                                                             group_by_length):
     """2 gloo processes x batch 4 == 1 process x batch 8: same eval loss; eval counts every example once."""
     common = ["train.epochs=2", f"data.group_by_length={group_by_length}", "checkpoint.at_epoch_end=false"]
     one = tmp_path / "one"
@@ -128,8 +137,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_bert, sentiment
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", "0"]
-    run_recipe("text_classification", *tiny_args(tiny_bert, sentiment_data, two, *common, "train.batch_size=4"),
-               launcher=launcher)
+    run_recipe("text_classification",
+               *tiny_args(tiny_bert, sentiment_data, two, *common, "train.batch_size=4"), launcher=launcher)
     m1 = json.loads((one / "metrics.json").read_text())
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["eval"]["num_examples"] == m1["eval"]["num_examples"] == 17
@@ -142,8 +151,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_bert, sentiment
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["data.train=/nonexistent/train.csv"], "does not exist"),
-    (["data.text_column=review"], "column 'review' not found in the train split (columns: text, sentiment, score); "
-                                  "set data.text_column"),
+    (["data.text_column=review"],
+     "column 'review' not found in the train split (columns: text, sentiment, score); set data.text_column"),
     (["train.epochz=3"], "unknown config key train.epochz; did you mean train.epochs?"),
     (["model.name_or_path=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
     (["model.num_labels=3"], "the data has 2 labels (negative, positive) but model.num_labels is 3"),

