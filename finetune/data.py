@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,8 +302,3 @@ def build_dataloaders(tokenized: dict[str, Any], tokenizer: Any, cfg: TextDataCo
                              shuffle=False, collate_fn=collator)
     return train_loader, eval_loader
 
-
-def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int, cap: int | None) -> int:
-    """Optimizer updates in one epoch of `num_batches` (per-process) batches, capped by `max_steps_per_epoch`."""
-    steps = math.ceil(num_batches / gradient_accumulation_steps)
-    return min(steps, cap) if cap else steps
