@@ -87,6 +87,56 @@ def make_tiny_bert(path: Path, *, dropout: float = 0.0, seed: int = 0) -> Path:
     return path
 
 
+LM_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small model learns to say what comes next. "
+    "Every line here ends with a full stop, and every story starts again at the top. "
+) * 4
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_lm_tokenizer_dir(path: Path, *, chat_template: bool = False) -> Path:
+    """A byte-level BPE tokenizer (about 300 tokens, any text encodes) with an EOS token and, like GPT-2, no PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([LM_TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   model_max_length=128)
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return path
+
+
+def make_tiny_causal_lm(path: Path, *, arch: str = "gpt2", chat_template: bool = False, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide GPT-2 or Llama (random weights) plus tokenizer, saved like a pretrained checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    make_lm_tokenizer_dir(path, chat_template=chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, **ids))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=128, **ids))
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def make_sentiment_csv(path: Path, rows: int, *, seed: int, header: str = "text,sentiment,score") -> Path:
     """Rows of neutral filler plus 1-2 polar words; the label follows the polar words (a tiny BERT learns)."""
     rng = random.Random(seed)
@@ -110,6 +160,16 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dropout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_dropout"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny_gpt2"), arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), arch="llama", chat_template=True)
 
 
 @pytest.fixture(scope="session")
