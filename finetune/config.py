@@ -113,6 +113,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     return _build(cls, merged, prefix="")
 
 
+def config_from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
+    """Build `cls` from plain nested dicts (e.g. one section of a saved config.yaml), coercing by type hint."""
+    return _build(cls, data, prefix=prefix)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts/lists (what `save_config` writes and trackers log)."""
     return dataclasses.asdict(cfg)

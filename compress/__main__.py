@@ -1,0 +1,73 @@
+"""Command line for compress.
+
+    python -m compress export RUN_DIR --out BUNDLE [--optimize] [--opset 17] [--samples FILE] [--overwrite]
+    python -m compress verify BUNDLE          # check the manifest and every file's sha256
+
+`--samples FILE`: parity inputs instead of the run's eval split: a text file with one text per line, or a folder of
+images. A parity failure prints the worst outputs and exits with status 2; no bundle is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from finetune.errors import exit_on_user_error
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m compress", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="export a run directory to a parity-gated ONNX bundle")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="the bundle folder to create")
+    export.add_argument("--optimize", action="store_true", help="add the ONNX Runtime optimized variant")
+    export.add_argument("--opset", type=int, default=None)
+    export.add_argument("--samples", type=Path, default=None, help="text file (one per line) or image folder")
+    export.add_argument("--no-evaluate", action="store_true", help="skip the eval-split metrics of each variant")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    verify = commands.add_parser("verify", help="check a bundle's manifest and files")
+    verify.add_argument("bundle", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    with exit_on_user_error():
+        if args.command == "verify":
+            from compress.manifest import read_manifest
+
+            manifest = read_manifest(args.bundle)
+            summary = {name: {"files": [g["file"] for g in v["graphs"].values()], "size_bytes": v["size_bytes"],
+                              "max_abs_diff": (v["parity"] or {}).get("max_abs_diff")}
+                       for name, v in manifest.variants.items()}
+            sys.stdout.write(json.dumps({"bundle": str(args.bundle), "task": manifest.task, "ok": True,
+                                         "variants": summary}, indent=2) + "\n")
+            return
+        from compress.bundle import ExportConfig, export_bundle
+
+        config = ExportConfig(optimize=args.optimize, evaluate=not args.no_evaluate)
+        if args.opset is not None:
+            config.opset = args.opset
+        manifest = export_bundle(args.run_dir, args.out, config=config, samples=_read_samples(args.samples),
+                                 overwrite=args.overwrite)
+        for name, variant in manifest.variants.items():
+            parity = variant["parity"]
+            sys.stdout.write(f"{name}: {', '.join(g['file'] for g in variant['graphs'].values())}, "
+                             f"{variant['size_bytes'] / 1e6:.1f} MB, max abs diff {parity['max_abs_diff']:.2g}\n")
+        sys.stdout.write(f"wrote {args.out}\n")
+
+
+def _read_samples(path: Path | None) -> list | None:
+    if path is None:
+        return None
+    if path.is_dir():
+        return sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Write bundles: export a run directory to a folder of parity-gated ONNX graphs + assets + manifest.json.
+
+`export_bundle` builds the whole bundle in a temp folder next to the target and renames it into place only after
+every gate passed; `add_variant` adds a variant (e.g. a quantized graph gated by phase-2 code) to an existing bundle
+and commits it by replacing manifest.json. The format itself is described in compress.manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compress.export import DEFAULT_OPSET, EXPORTER, Graph, graph_signature, weight_sparsity
+from compress.manifest import (
+    MANIFEST,
+    BundleError,
+    Manifest,
+    environment,
+    new_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from compress.parity import ParityConfig, check_generation, check_graph, open_session
+from compress.source import load_model, load_samples, read_run
+from compress.tasks import TaskExport, prepare_task
+
+logger = logging.getLogger(__name__)
+
+GRAPH_SUFFIX = {"model": ".onnx", "decoder": ".decoder.onnx"}
+
+
+@dataclass
+class ExportConfig:
+    """What `export_bundle` writes and how strictly it checks it."""
+
+    opset: int = DEFAULT_OPSET
+    optimize: bool = False  # add the "optimized" variant (ONNX Runtime fusions), itself parity-gated
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    optimized_parity: ParityConfig | None = None  # tolerances for the optimized variant; None: same as `parity`
+    evaluate: bool = True  # record each variant's metrics on the eval split (text tasks with a readable eval split)
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, *, config: ExportConfig | None = None,
+                  samples: list[Any] | None = None, overwrite: bool = False) -> Manifest:
+    """Export a run directory to a new bundle at `out`: the fp32 graphs (and the optimized ones) that passed their
+    parity gates, the tokenizer or preprocessing spec, and manifest.json. A failing gate raises; nothing is written.
+
+    `samples` (texts, (text, pair) tuples, or images/paths) replace the run's eval split as parity inputs.
+    """
+    config = config or ExportConfig()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BundleError(f"{out} already exists and is not empty; choose another --out or pass overwrite")
+    run = read_run(run_dir)
+    model = load_model(run)
+    picked = load_samples(run, limit=config.parity.num_samples, given=samples)
+    with _staged(out) as stage:
+        task = prepare_task(run, model, stage, picked, config.parity)
+        data = new_manifest(run.task, source_run=task.source_run, **task.sections)
+        fp32 = task.export(stage, "fp32", opset=config.opset)
+        parity = _gate(fp32, {g.role: g.path for g in fp32}, task, config.parity, "fp32")
+        _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, parent=None, parity=parity,
+                     metrics=task.evaluate(fp32[0].path) if config.evaluate else None)
+        if config.optimize:
+            from compress.optimize import optimize_graph
+
+            files, records = {}, {}
+            for graph in fp32:
+                files[graph.role] = stage / f"optimized{GRAPH_SUFFIX[graph.role]}"
+                records[graph.role] = optimize_graph(graph.path, files[graph.role], **task.fusion_args)
+            parity = _gate(fp32, files, task, config.optimized_parity or config.parity, "optimized")
+            _add_variant(stage, data, "optimized", files, parent="fp32", parity=parity,
+                         optimization=records["model"] if len(records) == 1 else records,
+                         metrics=task.evaluate(files["model"]) if config.evaluate else None)
+        data["default_variant"] = "optimized" if config.optimize else "fp32"
+        _finish(stage, data)
+    logger.info("wrote bundle %s (variants: %s)", out, ", ".join(data["variants"]))
+    return read_manifest(out)
+
+
+def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path], *, parent: str | None,
+                parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
+                pruning: dict[str, Any] | None = None, default: bool = False) -> Manifest:
+    """Move already-gated graph files ({"model": path[, "decoder": path]}) into a bundle as variant `name`.
+
+    The files land under new names first; replacing manifest.json is the commit point, so a crash leaves the old
+    bundle valid (stray files are not in the manifest and are overwritten by the next add).
+    """
+    root = Path(bundle_dir)
+    data = read_manifest(root).data
+    if name in data["variants"]:
+        raise BundleError(f"bundle {root} already has a variant {name!r}; pick another name")
+    expected = set(next(iter(data["variants"].values()))["graphs"])
+    if set(graphs) != expected:
+        raise BundleError(f"variant {name!r} must provide the graphs {sorted(expected)}, got {sorted(graphs)}")
+    placed = {}
+    for role, src in graphs.items():
+        dst = root / f"{name}{GRAPH_SUFFIX[role]}"
+        tmp = root / f".tmp-{uuid.uuid4().hex[:8]}-{dst.name}"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        placed[role] = dst
+    _add_variant(root, data, name, placed, parent=parent, parity=parity, metrics=metrics, optimization=optimization,
+                 quantization=quantization, pruning=pruning)
+    if default:
+        data["default_variant"] = name
+    write_manifest(root, data)
+    return read_manifest(root)
+
+
+def _gate(reference: list[Graph], files: dict[str, Path], task: TaskExport, config: ParityConfig,
+          variant: str) -> dict[str, Any]:
+    """Parity of each graph file against the PyTorch module it came from (+ greedy generation for decoders)."""
+    records: dict[str, Any] = {}
+    for graph in reference:
+        label = f"{variant} {graph.role} graph ({files[graph.role].name})"
+        session = open_session(files[graph.role])
+        records[graph.role] = check_graph(session, graph.reference, task.cases[graph.role], config=config, label=label)
+        if graph.role == "decoder":
+            records["generation"] = check_generation(session, task.model, task.prompts, cache=task.sections["cache"],
+                                                     config=config, label=label, **task.generation_ids)
+    graphs = [records[g.role] for g in reference]
+    top1 = [r["top1_agreement"] for r in graphs if r["top1_agreement"] is not None]
+    return {"passed": True, "inputs": task.samples_source, "atol": config.atol, "rtol": config.rtol,
+            "min_top1_agreement": config.min_top1_agreement,
+            "max_abs_diff": max(r["max_abs_diff"] for r in graphs),
+            "max_rel_diff": max(r["max_rel_diff"] for r in graphs),
+            "top1_agreement": min(top1) if top1 else None, "graphs": records}
+
+
+def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, Path], *, parent: str | None,
+                 parity: dict[str, Any] | None, metrics: dict[str, Any] | None = None,
+                 optimization: Any = None, quantization: dict[str, Any] | None = None,
+                 pruning: dict[str, Any] | None = None) -> None:
+    """Record a variant whose files already sit in `root` under their final names."""
+    graphs, opset = {}, None
+    for role, path in files.items():
+        signature = graph_signature(path)
+        opset = signature["opset"]
+        graphs[role] = {"file": path.name, "inputs": signature["inputs"], "outputs": signature["outputs"]}
+        data["files"][path.name] = sha256_file(path)
+    import torch
+
+    data["variants"][name] = {
+        "graphs": graphs, "parent": parent, "opset": opset, "exporter": EXPORTER, "exporter_version": torch.__version__,
+        "optimization": optimization, "quantization": quantization, "pruning": pruning,
+        "sparsity": weight_sparsity(list(files.values())), "parity": parity, "metrics": metrics,
+        "size_bytes": sum(p.stat().st_size for p in files.values()), "environment": environment(),
+    }
+
+
+def _finish(stage: Path, data: dict[str, Any]) -> None:
+    """Hash the assets, write the manifest, and read the staged bundle back as a reader would."""
+    for path in sorted(stage.iterdir()):
+        if path.is_file() and path.name != MANIFEST and path.name not in data["files"]:
+            data["files"][path.name] = sha256_file(path)
+    write_manifest(stage, data)
+    read_manifest(stage)
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temp folder next to `out` that replaces `out` only if the block finishes; removed on any error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

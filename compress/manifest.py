@@ -1,0 +1,245 @@
+"""The bundle format: a folder an app can use alone, described by `manifest.json`. Standard library only.
+
+This module is what an app (and `serve.runtime`) reads; it imports nothing beyond the standard library and the
+stdlib-only `finetune.errors`, so it works where PyTorch, onnx and numpy are not installed.
+
+A bundle folder holds:
+
+    manifest.json            this file's format (below); the only entry point
+    tokenizer.json           text tasks: a `tokenizers` file with truncation and padding already set, so
+                             `tokenizers.Tokenizer.from_file(...).encode_batch(texts)` reproduces training tokenization
+    <variant>.onnx           one ONNX graph per variant that passed its gates (fp32, optimized, later int8-...)
+    <variant>.decoder.onnx   causal LMs: the decoder that takes and returns the KV cache, per variant
+
+manifest.json (format "tuneforge-bundle", format_version 1; readers accept the same major version and ignore keys
+they do not know, so fields are added without a version bump):
+
+    format, format_version, created (UTC ISO 8601)
+    task             "text-classification" | "text-regression" | "causal-lm" | "image-classification"
+    source_run       {"path", "eval": the run's own eval metrics (PyTorch), "base_model"}
+    labels           label names, index = class id (null for regression and causal LMs)
+    text             text tasks: {"max_length", "text_column", "text_pair_column"}
+    tokenizer        text tasks: {"file": "tokenizer.json", "padding_side", "truncation_side", "max_length",
+                     "add_special_tokens", "pad_token", "pad_token_id", "bos_token_id", "eos_token_id",
+                     "special_tokens", "model_input_names"}; encode with the file alone, these are for reference
+    preprocessing    image tasks: {"size": [H, W], "color_mode": "L"|"RGB", "mean", "std", "resample", "rescale"}:
+                     convert, resize, multiply by rescale, subtract mean, divide by std, channels first (NCHW)
+    generation       causal LMs: defaults {max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample,
+                     eos_token_id, pad_token_id}
+    chat_template    causal LMs: the Jinja chat template string, or null
+    cache            causal LMs: {"num_layers", "num_kv_heads", "head_dim", "dtype",
+                     "past_key": "past_key_values.{i}.key", "past_value", "present_key": "present.{i}.key",
+                     "present_value"}: input/output name patterns of the decoder graph (below)
+    default_variant  the variant an app should load when it has no preference
+    variants         {name: variant entry}
+    files            {relative path: sha256 hex} for every file of the bundle except manifest.json
+
+A variant entry:
+
+    graphs           {"model": graph, "decoder": graph (causal LMs only)}; graph = {"file", "inputs", "outputs"},
+                     each tensor {"name", "dtype", "shape"} with symbolic dims as strings ("batch", "sequence")
+    parent           the variant it was derived from (null for fp32)
+    opset, exporter, exporter_version
+    optimization     null, or how the graph was optimized (method, ORT level, fused operator counts)
+    quantization     null, or the quantization settings (phase 2)
+    pruning          null, or the pruning settings (phase 2)
+    sparsity         measured fraction of exactly-zero weights in the graph's weight matrices
+    parity           the gate's verdict against PyTorch: tolerances, max abs / rel diff, top-1 agreement, cases, inputs
+    metrics          the task metrics of this graph on the eval split, or null when not computed
+    size_bytes       total bytes of the variant's files
+    environment      {"libraries": {name: version}, "cpu": {"model", "flags": {"avx2", "avx512f", "avx512_vnni", ...}},
+                     "python", "platform"} of the machine that made it
+
+Graphs (names are those of the graph; the manifest lists them with their shapes):
+
+    text classification   input_ids, attention_mask [, token_type_ids]: int64 [batch, sequence]
+                          -> logits [batch, labels] (text-regression: [batch, 1])
+    image classification  pixel_values float32 [batch, C, H, W] -> logits [batch, labels]
+    causal LM "model"     input_ids, attention_mask, position_ids: int64 [batch, sequence]
+                          -> logits [batch, sequence, vocab]
+    causal LM "decoder"   input_ids, position_ids [batch, sequence], attention_mask [batch, past_sequence + sequence],
+                          past_key_values.{i}.key/.value float32 [batch, kv_heads, past_sequence, head_dim]
+                          -> logits [batch, sequence, vocab], present.{i}.key/.value [batch, kv_heads,
+                          past_sequence + sequence, head_dim]. Prefill runs the same graph with an empty past
+                          (past_sequence = 0); each later step feeds back the presents. position_ids =
+                          cumsum(attention_mask) - 1 (left padding: pad positions set to 1), as transformers does.
+
+Writers never leave a half-written bundle: a new bundle is built in a temp folder and renamed; a variant is added by
+moving its files in under new names and then replacing manifest.json (the commit point) in one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import TuneforgeError
+
+FORMAT = "tuneforge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+TASKS = ("text-classification", "text-regression", "causal-lm", "image-classification")
+# ISA extensions that decide which int8 / fp32 kernels ONNX Runtime can use (names as in /proc/cpuinfo).
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")
+
+
+class BundleError(TuneforgeError):
+    """A bundle folder is missing, incomplete, corrupted, or of a format version this code cannot read."""
+
+
+@dataclass
+class Manifest:
+    """A parsed, validated manifest.json; `data` keeps every field (including ones this version does not know)."""
+
+    path: Path  # the bundle folder
+    data: dict[str, Any] = field(repr=False)
+
+    @property
+    def task(self) -> str:
+        return self.data["task"]
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        return self.data["variants"]
+
+    @property
+    def default_variant(self) -> str:
+        return self.data["default_variant"]
+
+    def graph_path(self, variant: str | None = None, graph: str = "model") -> Path:
+        """The file of one graph ("model" or, for causal LMs, "decoder") of a variant (default: default_variant)."""
+        name = variant or self.default_variant
+        if name not in self.variants:
+            raise BundleError(f"bundle {self.path} has no variant {name!r} (variants: {', '.join(self.variants)})")
+        graphs = self.variants[name]["graphs"]
+        if graph not in graphs:
+            raise BundleError(f"variant {name!r} of {self.path} has no {graph!r} graph (graphs: {', '.join(graphs)})")
+        return self.path / graphs[graph]["file"]
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (bundles hold graphs of hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> Manifest:
+    """Load a bundle's manifest, check its format and version, and (verify=True) that every file exists with its
+    recorded sha256. Raises BundleError naming the problem."""
+    root = Path(bundle_dir)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle folder {root} does not exist; export one with `python -m compress export RUN_DIR "
+                          f"--out {root}`")
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle: it has no {MANIFEST}; point at a folder written by "
+                          "`python -m compress export`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON ({err}); re-export the bundle") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise BundleError(f"{path} is not a {FORMAT} manifest (format: {found!r}); re-export the bundle")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version != FORMAT_VERSION:
+        raise BundleError(f"bundle {root} has format_version {version!r}, this tuneforge reads version "
+                          f"{FORMAT_VERSION}; re-export the bundle with this version or install the tuneforge that "
+                          "wrote it")
+    for key in ("task", "variants", "files", "default_variant"):
+        if key not in data:
+            raise BundleError(f"{path} lacks the required key {key!r}; re-export the bundle")
+    if data["task"] not in TASKS:
+        raise BundleError(f"bundle {root} is for task {data['task']!r}, which this tuneforge does not know "
+                          f"(tasks: {', '.join(TASKS)})")
+    if data["default_variant"] not in data["variants"]:
+        raise BundleError(f"{path}: default_variant {data['default_variant']!r} is not among the variants "
+                          f"({', '.join(data['variants'])}); re-export the bundle")
+    files: dict[str, str] = data["files"]
+    for name, variant in data["variants"].items():
+        for graph in variant["graphs"].values():
+            if graph["file"] not in files:
+                raise BundleError(f"{path}: variant {name!r} names {graph['file']!r}, which is not in 'files'; "
+                                  "re-export the bundle")
+    for rel, digest in files.items():
+        file = root / rel
+        if not file.is_file():
+            raise BundleError(f"bundle {root} is incomplete: {rel} is missing (listed in {MANIFEST}); copy the whole "
+                              "folder or re-export it")
+        if verify and sha256_file(file) != digest:
+            raise BundleError(f"bundle {root}: {rel} does not match its sha256 in {MANIFEST} (changed or corrupted "
+                              "after export); re-export the bundle")
+    return Manifest(root, data)
+
+
+def write_manifest(bundle_dir: str | Path, data: dict[str, Any]) -> None:
+    """Write manifest.json atomically (temp file, fsync, rename): a reader sees the old or the new one, never half."""
+    path = Path(bundle_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_manifest(task: str, **fields: Any) -> dict[str, Any]:
+    """A manifest dict with the format header and no variants yet; `fields` are the task-level sections."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "created": utc_now(), "task": task, **fields,
+            "default_variant": None, "variants": {}, "files": {}}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model and the ISA flags that matter for ONNX Runtime kernels (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model", "Hardware") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
+            "flags": {name: name in flags for name in ISA_FLAGS}}
+
+
+def library_versions(names: tuple[str, ...] = ("tuneforge", "torch", "transformers", "onnx", "onnxruntime",
+                                                  "tokenizers", "numpy")) -> dict[str, str | None]:
+    """Installed distribution versions (None where not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment() -> dict[str, Any]:
+    """What made a variant: library versions, CPU model and ISA flags, Python and platform."""
+    return {"libraries": library_versions(), "cpu": cpu_info(), "python": sys.version.split()[0],
+            "platform": platform.platform()}

@@ -1,0 +1,295 @@
+"""Per-task export: the bundle assets and manifest sections, the parity cases, the fp32 graphs, eval-split metrics.
+
+Parity inputs are built with the bundle's own tokenizer.json / preprocessing spec (compress.inputs), so every gate
+also exercises the assets an app will use. Each task checks two sequence lengths (its shortest and longest samples)
+at every batch size of the parity config; padded batches check the attention masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compress.decoding import empty_past
+from compress.errors import ExportError
+from compress.export import (
+    LM_INPUTS,
+    TEXT_INPUTS,
+    Graph,
+    cache_layout,
+    export_causal_lm,
+    export_classifier,
+    export_decoder,
+    forward_input_names,
+)
+from compress.inputs import encode_texts, position_ids, preprocess_images
+from compress.manifest import TOKENIZER_FILE
+from compress.parity import Case, ParityConfig, open_session
+from compress.source import TEXT_TASKS, Run, Samples, load_tokenizer, run_data_config
+
+logger = logging.getLogger(__name__)
+
+LM_SAMPLE_CHARS = 300  # causal-LM parity prompts are cut to this many characters (~60-100 tokens)
+EVAL_BATCH = 64
+
+
+class TaskExport:
+    """What one task contributes to a bundle; `prepare_task` picks the subclass."""
+
+    def __init__(self, run: Run, model: Any, samples: Samples, parity: ParityConfig):
+        self.run, self.model, self.parity = run, model, parity
+        self.samples_source = samples.source
+        self.sections: dict[str, Any] = {}
+        self.cases: dict[str, list[Case]] = {}
+        self.prompts: list[dict[str, np.ndarray]] = []  # causal LMs: prompt batches for the greedy check
+        self.generation_ids: dict[str, Any] = {}
+        config = model.config
+        self.fusion_args = {"model_type": getattr(config, "model_type", None),
+                            "num_heads": getattr(config, "num_attention_heads", 0) or 0,
+                            "hidden_size": getattr(config, "hidden_size", 0) or 0}
+        meta = run.meta
+        self.source_run = {"path": str(run.run_dir.resolve()), "base_model": meta.get("base_model"),
+                           "step": meta.get("step"), "eval": meta.get("eval")}
+
+    def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
+        raise NotImplementedError
+
+    def evaluate(self, path: Path) -> dict[str, Any] | None:
+        """This graph's task metrics on the eval split, or None where this task has no eval-split reader."""
+        return None
+
+
+def prepare_task(run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig) -> TaskExport:
+    """Write the task's assets into `stage` and build its parity cases."""
+    if run.task in TEXT_TASKS:
+        return TextClassifierExport(run, model, stage, samples, parity)
+    if run.task == "causal-lm":
+        return CausalLMExport(run, model, stage, samples, parity)
+    return ImageClassifierExport(run, model, stage, samples, parity)
+
+
+class TextClassifierExport(TaskExport):
+    def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
+        super().__init__(run, model, samples, parity)
+        hf = load_tokenizer(run)
+        max_length = int(run.meta.get("max_length") or hf.model_max_length)
+        self.tokenizer = write_tokenizer(hf, stage, padding_side=hf.padding_side, max_length=max_length)
+        self.input_names = forward_input_names(model, TEXT_INPUTS, tokenizer_inputs=hf.model_input_names)
+        _check_tokenization(hf, self.tokenizer, samples.texts, samples.pairs, max_length=max_length,
+                            padding_side=hf.padding_side)
+        self.sections = {
+            "labels": run.meta.get("label_names") if run.task == "text-classification" else None,
+            "text": {"max_length": max_length, "text_column": run.meta.get("text_column"),
+                     "text_pair_column": run.meta.get("text_pair_column")},
+            "tokenizer": tokenizer_section(hf, max_length=max_length, padding_side=hf.padding_side),
+        }
+        texts, pairs = samples.texts, samples.pairs
+
+        def encode(idx: list[int]) -> dict[str, np.ndarray]:
+            return encode_texts(self.tokenizer, [texts[i] for i in idx],
+                                [pairs[i] for i in idx] if pairs is not None else None, input_names=self.input_names)
+
+        lengths = [int(encode([i])["attention_mask"].sum()) for i in range(len(texts))]
+        self.cases["model"] = length_cases(encode, lengths, parity.batch_sizes)
+        self.example = _with_pad_column(self.cases["model"][-1].feeds, hf.pad_token_id, side=hf.padding_side)
+
+    def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
+        return [export_classifier(self.model, stage / f"{variant}.onnx", example=self.example,
+                                  input_names=self.input_names, opset=opset)]
+
+    def evaluate(self, path: Path) -> dict[str, Any] | None:
+        from finetune.data import encode_labels, load_raw_splits
+        from finetune.evaluation import score_classifier, score_regressor
+
+        found = run_data_config(self.run)
+        if found is None:
+            logger.warning("no eval split recorded for %s; metrics not computed", self.run.run_dir)
+            return None
+        cfg, seed = found
+        regression = self.run.task == "text-regression"
+        names = self.run.meta.get("label_names")
+        splits, _ = encode_labels(load_raw_splits(cfg, seed=seed), cfg, regression=regression,
+                                  num_labels=None if regression else len(names))
+        evals = splits["eval"]
+        session = open_session(path, threads=os.cpu_count() or 1)
+        texts = [t if isinstance(t, str) else "" for t in evals[cfg.text_column]]
+        pairs = [t if isinstance(t, str) else "" for t in evals[cfg.text_pair_column]] if cfg.text_pair_column else None
+        logits = []
+        for start in range(0, len(texts), EVAL_BATCH):
+            end = start + EVAL_BATCH
+            feeds = encode_texts(self.tokenizer, texts[start:end], pairs[start:end] if pairs else None,
+                                 input_names=self.input_names)
+            logits.append(session.run(["logits"], feeds)[0])
+        stacked, labels = np.concatenate(logits), np.asarray(evals["labels"])
+        return score_regressor(stacked, labels) if regression else score_classifier(stacked, labels,
+                                                                                     num_labels=len(names))
+
+
+class CausalLMExport(TaskExport):
+    def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
+        super().__init__(run, model, samples, parity)
+        hf = load_tokenizer(run)
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+            else hf.eos_token_id
+        pad = next(p for p in (model.generation_config.pad_token_id, hf.pad_token_id,
+                               eos[0] if isinstance(eos, list) else eos) if p is not None)
+        self.generation_ids = {"eos_token_id": eos, "pad_token_id": pad}
+        self.tokenizer = write_tokenizer(hf, stage, padding_side="left", max_length=None, pad_token_id=pad)
+        self.input_names = forward_input_names(model, LM_INPUTS)
+        self.cache = cache_layout(model)
+        texts = [t.strip()[:LM_SAMPLE_CHARS] for t in samples.texts]
+        texts = [t for t in texts if len(self.tokenizer.encode(t).ids) >= 2]
+        if not texts:
+            raise ExportError(f"no parity prompt of 2+ tokens among the samples ({samples.source}); give samples")
+        _check_tokenization(hf, self.tokenizer, texts, None, max_length=None, padding_side="left", pad_token_id=pad)
+        block_size = run.meta.get("block_size")
+        self.sections = {
+            "labels": None,
+            "text": {"max_length": block_size, "text_column": None, "text_pair_column": None},
+            "tokenizer": tokenizer_section(hf, max_length=None, padding_side="left", pad_token_id=pad),
+            "generation": {**(run.meta.get("generation") or {}), **self.generation_ids},
+            "chat_template": getattr(hf, "chat_template", None),
+            "cache": self.cache,
+        }
+
+        def encode(idx: list[int]) -> dict[str, np.ndarray]:
+            return encode_texts(self.tokenizer, [texts[i] for i in idx], input_names=self.input_names)
+
+        lengths = [len(self.tokenizer.encode(t).ids) for t in texts]
+        self.cases["model"] = [Case(c.name, c.feeds, {"logits": c.feeds["attention_mask"][:, :, None] > 0})
+                               for c in length_cases(encode, lengths, parity.batch_sizes)]
+        self.prompts = [{k: c.feeds[k] for k in ("input_ids", "attention_mask")} for c in self.cases["model"]]
+        self.example = _with_pad_column(self.cases["model"][-1].feeds, pad, side="left")
+
+    def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
+        plain = export_causal_lm(self.model, stage / f"{variant}.onnx", example=self.example,
+                                 input_names=self.input_names, opset=opset)
+        decoder = export_decoder(self.model, stage / f"{variant}.decoder.onnx", example=self._decoder_example(),
+                                 input_names=self.input_names, cache=self.cache, opset=opset)
+        self.cases["decoder"] = self._decoder_cases(decoder)
+        return [plain, decoder]
+
+    def _present_names(self) -> list[str]:
+        return [self.cache[f"present_{kind}"].format(i=i) for i in range(self.cache["num_layers"])
+                for kind in ("key", "value")]
+
+    def _decoder_example(self) -> dict[str, np.ndarray]:
+        """Batch 3, a 2-token past (row 0 padded), 2 new tokens: tracing must take the general masked path."""
+        ids = self.example["input_ids"][:, -2:]
+        batch = ids.shape[0]
+        mask = np.ones((batch, 4), dtype=np.int64)
+        mask[0, 0] = 0
+        shape = (batch, self.cache["num_kv_heads"], 2, self.cache["head_dim"])
+        rng = np.random.default_rng(0)
+        past = {name: rng.standard_normal(shape).astype(np.float32) for name in empty_past(self.cache, batch)}
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, past_length=2), **past}
+
+    def _decoder_cases(self, decoder: Graph) -> list[Case]:
+        """Prefill with an empty past, then 1 and 2 tokens fed with the PyTorch presents of that prefill."""
+        present = self._present_names()
+        past_names = list(empty_past(self.cache, 1))
+        cases = []
+        for case in self.cases["model"]:
+            mask = case.feeds["attention_mask"]
+            batch = mask.shape[0]
+            feeds = {**case.feeds, **empty_past(self.cache, batch)}
+            cases.append(Case(f"prefill, {case.name}", feeds, {"logits": mask[:, :, None] > 0,
+                                                               **{n: mask[:, None, :, None] > 0 for n in present}}))
+            ref = decoder.reference(feeds)
+            token = ref["logits"][:, -1].argmax(axis=-1)
+            for new in (1, 2):
+                grown = np.concatenate([mask, np.ones((batch, new), dtype=np.int64)], axis=1)
+                step = {"input_ids": np.tile(token[:, None], (1, new)).astype(np.int64), "attention_mask": grown,
+                        "position_ids": position_ids(grown, past_length=mask.shape[1]),
+                        **{p: ref[n] for p, n in zip(past_names, present, strict=True)}}
+                cases.append(Case(f"{new} token(s) after the prefill, {case.name}", step,
+                                  {n: grown[:, None, :, None] > 0 for n in present}))
+        return cases
+
+
+class ImageClassifierExport(TaskExport):
+    def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
+        super().__init__(run, model, samples, parity)
+        self.fusion_args["model_type"] = None  # no transformer fusions for CNNs; ORT's own (Conv+BN, Conv+Relu) apply
+        spec = run.meta.get("preprocessing")
+        if not spec:
+            raise ExportError(f"{run.model_dir}/tuneforge.json has no 'preprocessing'; image bundles need the spec")
+        self.sections = {"labels": run.meta.get("label_names"), "preprocessing": spec}
+        pixels = preprocess_images(samples.images, spec)
+        self.cases["model"] = []
+        for size in parity.batch_sizes:
+            idx = [i % len(pixels) for i in range(size)]
+            self.cases["model"].append(Case(f"batch {size}", {"pixel_values": pixels[idx]}))
+        self.example = self.cases["model"][-1].feeds
+
+    def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
+        return [export_classifier(self.model, stage / f"{variant}.onnx", example=self.example,
+                                  input_names=["pixel_values"], opset=opset)]
+
+
+def length_cases(encode: Any, lengths: list[int], batch_sizes: tuple[int, ...]) -> list[Case]:
+    """For each batch size, a batch of the shortest and one of the longest samples (cycled when too few)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    cases = []
+    for size in batch_sizes:
+        picks = [order[i % len(order)] for i in range(size)], [order[-1 - i % len(order)] for i in range(size)]
+        for idx in picks:
+            feeds = encode(idx)
+            cases.append(Case(f"batch {size} x sequence {feeds['input_ids'].shape[1]}", feeds))
+    if len({c.feeds["input_ids"].shape[1] for c in cases}) < 2:
+        logger.warning("all parity samples have the same token length; only one sequence length is checked")
+    return cases
+
+
+def write_tokenizer(hf: Any, stage: Path, *, padding_side: str, max_length: int | None,
+                    pad_token_id: int | None = None) -> Any:
+    """Save the fast tokenizer's `tokenizers` object with training's truncation and padding set in the file."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    if max_length is None:
+        tokenizer.no_truncation()
+    else:
+        tokenizer.enable_truncation(max_length, direction=hf.truncation_side)
+    pad_id = hf.pad_token_id if pad_token_id is None else pad_token_id
+    tokenizer.enable_padding(direction=padding_side, pad_id=pad_id, pad_type_id=hf.pad_token_type_id,
+                             pad_token=hf.convert_ids_to_tokens(pad_id))
+    tokenizer.save(str(stage / TOKENIZER_FILE))
+    return Tokenizer.from_file(str(stage / TOKENIZER_FILE))
+
+
+def tokenizer_section(hf: Any, *, max_length: int | None, padding_side: str,
+                      pad_token_id: int | None = None) -> dict[str, Any]:
+    pad_id = hf.pad_token_id if pad_token_id is None else pad_token_id
+    return {"file": TOKENIZER_FILE, "padding_side": padding_side, "truncation_side": hf.truncation_side,
+            "max_length": max_length, "add_special_tokens": True, "pad_token": hf.convert_ids_to_tokens(pad_id),
+            "pad_token_id": pad_id, "bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id,
+            "special_tokens": list(hf.all_special_tokens), "model_input_names": list(hf.model_input_names)}
+
+
+def _check_tokenization(hf: Any, tokenizer: Any, texts: list[str], pairs: list[str] | None, *,
+                        max_length: int | None, padding_side: str, pad_token_id: int | None = None) -> None:
+    """tokenizer.json alone must encode the samples exactly as the training tokenizer does."""
+    hf.padding_side = padding_side
+    if pad_token_id is not None and hf.pad_token_id is None:
+        hf.pad_token = hf.convert_ids_to_tokens(pad_token_id)
+    want = hf(texts, pairs, truncation=max_length is not None, max_length=max_length, padding=True)
+    got = encode_texts(tokenizer, texts, pairs, input_names=TEXT_INPUTS)
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        if name in want and not np.array_equal(np.asarray(want[name]), got[name]):
+            raise ExportError(f"tokenizer.json does not reproduce the run's tokenizer ({name} differ on the parity "
+                              "samples); the bundle would tokenize differently from training")
+
+
+def _with_pad_column(feeds: dict[str, np.ndarray], pad_id: int, *, side: str) -> dict[str, np.ndarray]:
+    """The feeds with one more, padded, position: a tracing example whose attention mask surely has zeros."""
+    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "position_ids": 1}
+    out = {}
+    for name, array in feeds.items():
+        column = np.full((array.shape[0], 1), fill[name], dtype=array.dtype)
+        out[name] = np.concatenate([column, array] if side == "left" else [array, column], axis=1)
+    return out
