@@ -5,6 +5,7 @@ Nothing is downloaded: HF_HUB_OFFLINE=1 makes an accidental hub access fail fast
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -152,6 +153,55 @@ def make_sentiment_csv(path: Path, rows: int, *, seed: int, header: str = "text,
     return path
 
 
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
+                       "repetition_penalty": 1.1, "do_sample": True}
+
+
+def make_causal_lm_run(path: Path, *, arch: str, chat_template: bool = False) -> Path:
+    """A run directory as the causal-LM recipe writes it: model/ (tiny LM + tokenizer + tuneforge.json), no data."""
+    model = make_tiny_causal_lm(path / "model", arch=arch, chat_template=chat_template)
+    task = {"task": "causal-lm", "block_size": 64, "generation": GENERATION_DEFAULTS, "chat_template": chat_template,
+            "eval": {"eval_loss": 5.6, "perplexity": 270.4}}
+    (model / "tuneforge.json").write_text(json.dumps(task))
+    return path
+
+
+def make_image_run(path: Path, *, seed: int = 0) -> Path:
+    """A run directory as the image recipe writes it: a tiny transformers ResNet (3 classes, 24x20 RGB input, BatchNorm
+    statistics made non-trivial) with its preprocessing spec in tuneforge.json."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    labels = ["cat", "dog", "fox"]
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    model = ResNetForImageClassification(config).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.save_pretrained(path / "model", safe_serialization=True)
+    task = {"task": "image-classification", "label_names": labels,
+            "preprocessing": {"size": [24, 20], "color_mode": "RGB", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3],
+                              "resample": "bilinear", "rescale": 1 / 255},
+            "eval": {"accuracy": 0.4}}
+    (path / "model" / "tuneforge.json").write_text(json.dumps(task))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine two threads contend (~30x slower per op).
+    Opt in per module: `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
@@ -178,6 +228,17 @@ def sentiment_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("sentiment")
     return {"train": make_sentiment_csv(folder / "train.csv", 96, seed=1),
             "eval": make_sentiment_csv(folder / "eval.csv", 17, seed=2)}
+
+
+@pytest.fixture(scope="session")
+def text_run(tiny_bert: Path, sentiment_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished text-classification run directory (the shipped recipe, 4 steps), with its eval split on disk."""
+    out = tmp_path_factory.mktemp("text_run") / "run"
+    run_recipe("text_classification", "--config", "recipes/configs/text_classification/default.yaml",
+               f"model.name_or_path={tiny_bert}", f"data.train={sentiment_data['train']}",
+               f"data.eval={sentiment_data['eval']}", "data.label_names=[negative, positive]",
+               f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=4", "optim.lr=3.0e-3")
+    return out
 
 
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,

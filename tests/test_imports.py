@@ -11,6 +11,9 @@ from conftest import REPO
 
 SUBMODULES = ["config", "data", "models", "optim", "metrics", "checkpoint", "evaluation", "tracking", "plots",
               "rundir", "errors"]
+COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
+                       "bundle"]
+TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding"]  # what serve.runtime may import
 HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx"]
 
 
@@ -29,10 +32,11 @@ def top_level(modules: set[str]) -> set[str]:
 
 def test_training_modules_do_not_import_export_or_serving_dependencies():
     lines = ["import finetune", *(f"import finetune.{m}" for m in SUBMODULES), "import compress",
-             "import serve"]
+             *(f"import compress.{m}" for m in COMPRESS_SUBMODULES), "import serve"]
     imports = "\n".join(lines)
     loaded = modules_after(imports)
     assert {f"finetune.{m}" for m in SUBMODULES} <= loaded  # the imports really ran
+    assert {f"compress.{m}" for m in COMPRESS_SUBMODULES} <= loaded
     assert "torch" in loaded  # sanity: the heavy training stack did load
     leaked = sorted(set(HEAVY_OPTIONAL) & top_level(loaded))
     assert not leaked, f"importing the training modules loaded {leaked}"
@@ -43,3 +47,15 @@ def test_import_finetune_is_cheap():
     assert "finetune" in loaded
     for heavy in ("torch", "transformers", "datasets", "accelerate", *HEAVY_OPTIONAL):
         assert heavy not in loaded, f"`import finetune` imported {heavy}"
+
+
+def test_bundle_reading_modules_do_not_need_torch():
+    """compress.manifest is standard library only; the input and decoding helpers add numpy, not torch."""
+    baseline = top_level(modules_after(""))  # what interpreter start-up loads (site hooks, .pth finders)
+    loaded = top_level(modules_after("import compress.manifest"))
+    third_party = loaded - baseline - set(sys.stdlib_module_names) - {"finetune", "compress"}
+    assert "compress" in loaded and not third_party, f"compress.manifest imported {sorted(third_party)}"
+    loaded = top_level(modules_after("\n".join(f"import {m}" for m in TORCH_FREE)))
+    assert "numpy" in loaded
+    for heavy in ("torch", "transformers", "datasets", *HEAVY_OPTIONAL):
+        assert heavy not in loaded, f"the torch-free compress modules imported {heavy}"
