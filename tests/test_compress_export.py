@@ -23,8 +23,6 @@ PROMPTS = ["The quick brown fox", "Every line here ends with a full stop, and ev
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def text_bundle(text_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
