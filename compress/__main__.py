@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
 def _read_samples(path: Path | None) -> list | None:
     if path is None:
         return None
+    if not path.exists():
+        from compress.errors import ExportError
+
+        raise ExportError(f"--samples {path} does not exist; give a text file (one text per line) or an image folder")
     if path.is_dir():
         return sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     return [line for line in path.read_text().splitlines() if line.strip()]

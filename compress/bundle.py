@@ -26,6 +26,7 @@ from compress.manifest import (
     new_manifest,
     read_manifest,
     sha256_file,
+    utc_now,
     write_manifest,
 )
 from compress.parity import ParityConfig, check_generation, check_graph, open_session
@@ -70,15 +71,14 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: ExportConfig 
         _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, parent=None, parity=parity,
                      metrics=task.evaluate(fp32[0].path) if config.evaluate else None)
         if config.optimize:
-            from compress.optimize import optimize_graph
+            from compress.optimize import optimization_settings, optimize_graph
 
-            files, records = {}, {}
+            files, optimization = {}, optimization_settings(task.fusion_args["model_type"])
             for graph in fp32:
                 files[graph.role] = stage / f"optimized{GRAPH_SUFFIX[graph.role]}"
-                records[graph.role] = optimize_graph(graph.path, files[graph.role], **task.fusion_args)
+                optimization["graphs"][graph.role] = optimize_graph(graph.path, files[graph.role], **task.fusion_args)
             parity = _gate(fp32, files, task, config.optimized_parity or config.parity, "optimized")
-            _add_variant(stage, data, "optimized", files, parent="fp32", parity=parity,
-                         optimization=records["model"] if len(records) == 1 else records,
+            _add_variant(stage, data, "optimized", files, parent="fp32", parity=parity, optimization=optimization,
                          metrics=task.evaluate(files["model"]) if config.evaluate else None)
         data["default_variant"] = "optimized" if config.optimize else "fp32"
         _finish(stage, data)
@@ -90,11 +90,14 @@ def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path]
                 parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
                 pruning: dict[str, Any] | None = None, default: bool = False) -> Manifest:
-    """Move already-gated graph files ({"model": path[, "decoder": path]}) into a bundle as variant `name`.
+    """Copy graph files ({"model": path[, "decoder": path]}) that passed their gate into a bundle as variant `name`.
 
-    The files land under new names first; replacing manifest.json is the commit point, so a crash leaves the old
-    bundle valid (stray files are not in the manifest and are overwritten by the next add).
+    The caller gates first and passes the verdict (`parity` and/or `metrics`). The files land under new names;
+    replacing manifest.json is the commit point, so a crash leaves the old bundle valid (stray files are not in the
+    manifest and are overwritten by the next add).
     """
+    if parity is None and metrics is None:
+        raise ValueError("a variant needs the verdict of its gate: pass parity and/or metrics")
     root = Path(bundle_dir)
     data = read_manifest(root).data
     if name in data["variants"]:
@@ -139,7 +142,7 @@ def _gate(reference: list[Graph], files: dict[str, Path], task: TaskExport, conf
 
 def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, Path], *, parent: str | None,
                  parity: dict[str, Any] | None, metrics: dict[str, Any] | None = None,
-                 optimization: Any = None, quantization: dict[str, Any] | None = None,
+                 optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
                  pruning: dict[str, Any] | None = None) -> None:
     """Record a variant whose files already sit in `root` under their final names."""
     graphs, opset = {}, None
@@ -151,7 +154,8 @@ def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, P
     import torch
 
     data["variants"][name] = {
-        "graphs": graphs, "parent": parent, "opset": opset, "exporter": EXPORTER, "exporter_version": torch.__version__,
+        "graphs": graphs, "created": utc_now(), "parent": parent, "opset": opset, "exporter": EXPORTER,
+        "exporter_version": torch.__version__,
         "optimization": optimization, "quantization": quantization, "pruning": pruning,
         "sparsity": weight_sparsity(list(files.values())), "parity": parity, "metrics": metrics,
         "size_bytes": sum(p.stat().st_size for p in files.values()), "environment": environment(),

@@ -38,13 +38,18 @@ A variant entry:
 
     graphs           {"model": graph, "decoder": graph (causal LMs only)}; graph = {"file", "inputs", "outputs"},
                      each tensor {"name", "dtype", "shape"} with symbolic dims as strings ("batch", "sequence")
+    created          UTC ISO 8601
     parent           the variant it was derived from (null for fp32)
     opset, exporter, exporter_version
-    optimization     null, or how the graph was optimized (method, ORT level, fused operator counts)
+    optimization     null, or {"method", "fusions" (onnxruntime.transformers model type or null), "ort_level",
+                     "graphs": {role: {"nodes_before", "nodes_after", "fused_ops": {op: count}}}}
     quantization     null, or the quantization settings (phase 2)
     pruning          null, or the pruning settings (phase 2)
     sparsity         measured fraction of exactly-zero weights in the graph's weight matrices
-    parity           the gate's verdict against PyTorch: tolerances, max abs / rel diff, top-1 agreement, cases, inputs
+    parity           the gate's verdict against PyTorch: {"passed", "inputs" (where the samples came from), "atol",
+                     "rtol", "min_top1_agreement", "max_abs_diff", "max_rel_diff", "top1_agreement" (null for
+                     regression), "graphs": {role: {..., "cases": [per case and output]}, "generation": greedy
+                     tokens vs PyTorch generate (causal LMs)}}
     metrics          the task metrics of this graph on the eval split, or null when not computed
     size_bytes       total bytes of the variant's files
     environment      {"libraries": {name: version}, "cpu": {"model", "flags": {"avx2", "avx512f", "avx512_vnni", ...}},

@@ -23,12 +23,19 @@ FUSIONS = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert
 ORT_LEVEL = "ORT_ENABLE_EXTENDED"
 
 
-def optimize_graph(src: Path, dst: Path, *, model_type: str | None, num_heads: int = 0, hidden_size: int = 0,
-                   fuse: bool = True) -> dict[str, Any]:
-    """Write the optimized graph of `src` to `dst`; return what was done (for the manifest's `optimization`)."""
+def optimization_settings(model_type: str | None) -> dict[str, Any]:
+    """The manifest's `optimization` entry (its per-graph statistics are added under "graphs")."""
+    fusions = FUSIONS.get(model_type or "")
+    return {"method": (f"onnxruntime.transformers fusions ({fusions}) + " if fusions else "") + ORT_LEVEL,
+            "fusions": fusions, "ort_level": ORT_LEVEL, "graphs": {}}
+
+
+def optimize_graph(src: Path, dst: Path, *, model_type: str | None, num_heads: int = 0,
+                   hidden_size: int = 0) -> dict[str, Any]:
+    """Write the optimized graph of `src` to `dst`; return its node counts before/after and the fused operators."""
     onnx = require("onnx")
     ort = require("onnxruntime")
-    fusion_type = FUSIONS.get(model_type or "") if fuse else None
+    fusion_type = FUSIONS.get(model_type or "")
     before = _op_counts(onnx.load(str(src), load_external_data=False))
     source = src
     if fusion_type:
@@ -48,9 +55,7 @@ def optimize_graph(src: Path, dst: Path, *, model_type: str | None, num_heads: i
     fused_ops = {op: n for op, n in after.items() if op not in before}  # e.g. Attention, SkipLayerNormalization
     logger.info("optimized %s: %d -> %d nodes, fused %s", src.name, sum(before.values()), sum(after.values()),
                 fused_ops or "nothing")
-    return {"method": (f"onnxruntime.transformers fusions ({fusion_type}) + " if fusion_type else "") + ORT_LEVEL,
-            "fusions": fusion_type, "ort_level": ORT_LEVEL, "nodes_before": sum(before.values()),
-            "nodes_after": sum(after.values()), "fused_ops": fused_ops}
+    return {"nodes_before": sum(before.values()), "nodes_after": sum(after.values()), "fused_ops": fused_ops}
 
 
 def _op_counts(model: Any) -> Counter:

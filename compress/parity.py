@@ -1,8 +1,10 @@
 """The parity gate: ONNX Runtime against PyTorch on the same real inputs, under stated tolerances.
 
 An output element passes when |onnx - torch| <= atol + rtol * |torch| (numpy.allclose's rule; a NaN or inf where
-PyTorch is finite fails). Top-1 agreement is the share of positions where the graph's argmax equals PyTorch's;
-positions where PyTorch's own top two are closer than the tolerance are near-ties and count as agreeing. Causal-LM
+PyTorch is finite fails). Reported alongside: the max abs diff and the max relative diff |onnx - torch| / |torch|
+over elements with |torch| > atol (near zero a relative error means nothing). Top-1 agreement is the share of
+positions where the graph's argmax equals PyTorch's; positions where PyTorch scores the graph's choice within the
+tolerance of its own best are near-ties and count as agreeing. Causal-LM
 decoders also have to produce the same greedy tokens as PyTorch `generate` over N steps. A failure raises
 ParityError with the worst outputs; the caller writes nothing.
 """
@@ -84,13 +86,14 @@ def check_graph(session: Any, reference: Callable[[dict[str, np.ndarray]], dict[
                        strict=True))
         expected = reference(case.feeds)
         for name, want in expected.items():
+            if got[name].shape != want.shape:
+                raise ParityError(f"{label}: output {name} has shape {list(got[name].shape)} where PyTorch gives "
+                                  f"{list(want.shape)} [{case.name}]; it was not written")
             diffs.append(_compare(case, name, got[name], want, config))
     return _verdict(diffs, config, label)
 
 
 def _compare(case: Case, name: str, got: np.ndarray, want: np.ndarray, config: ParityConfig) -> _Diff:
-    if got.shape != want.shape:
-        return _Diff(case.name, name, np.inf, np.inf, np.inf, (), np.nan, np.nan, 0.0, 0)
     got, want = got.astype(np.float64), want.astype(np.float64)
     mask = np.broadcast_to(case.masks.get(name, np.ones((1,) * want.ndim, dtype=bool)), want.shape).astype(bool)
     abs_diff = np.abs(got - want)

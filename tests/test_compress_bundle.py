@@ -101,10 +101,14 @@ def test_add_variant_commits_through_the_manifest(bundle: Path, tmp_path: Path):
     assert manifest.data["files"]["copy.onnx"] == manifest.data["files"]["fp32.onnx"]
     assert sorted(p.name for p in bundle.iterdir()) == ["copy.onnx", "fp32.onnx", "manifest.json"]
 
+    verdict = {"parity": {"passed": True}}
     with pytest.raises(BundleError, match="already has a variant 'copy'"):
-        add_variant(bundle, "copy", {"model": copy}, parent="fp32")
+        add_variant(bundle, "copy", {"model": copy}, parent="fp32", **verdict)
     with pytest.raises(BundleError, match=r"must provide the graphs \['model'\]"):
-        add_variant(bundle, "two", {"model": copy, "decoder": copy}, parent="fp32")
+        add_variant(bundle, "two", {"model": copy, "decoder": copy}, parent="fp32", **verdict)
+    with pytest.raises(ValueError, match="needs the verdict of its gate"):
+        add_variant(bundle, "ungated", {"model": copy}, parent="fp32")
+    assert read_manifest(bundle).variants.keys() == {"fp32", "copy"}
 
 
 # --- the gate's rules, on made-up outputs ----------------------------------------------------------------------------

@@ -86,9 +86,11 @@ def test_text_bundle_structure_parity_and_manifest(text_bundle: Path, text_run: 
     assert fp32["metrics"]["eval_loss"] == pytest.approx(torch_eval["eval_loss"], abs=1e-5)
 
     optimized = manifest.variants["optimized"]
-    fused = optimized["optimization"]["fused_ops"]
-    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= fused.keys()
-    assert optimized["optimization"]["nodes_after"] < optimized["optimization"]["nodes_before"] / 3
+    optimization = optimized["optimization"]
+    assert optimization["fusions"] == "bert" and optimization["ort_level"] == "ORT_ENABLE_EXTENDED"
+    stats = optimization["graphs"]["model"]
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= stats["fused_ops"].keys()
+    assert stats["nodes_after"] < stats["nodes_before"] / 3
     assert optimized["parity"]["passed"] and optimized["parity"]["max_abs_diff"] < 1e-4
     assert optimized["parent"] == "fp32"
 
@@ -179,6 +181,9 @@ def test_lm_bundle_has_both_graphs_and_the_cache_spec(lm_bundle: tuple[str, Path
         for kind in ("key", "value"):
             assert inputs[f"past_key_values.{layer}.{kind}"] == ["batch", heads, "past_sequence", head_dim]
             assert outputs[f"present.{layer}.{kind}"] == ["batch", heads, "total_sequence", head_dim]
+    optimization = manifest.variants["optimized"]["optimization"]
+    assert optimization["fusions"] == ("gpt2" if arch == "gpt2" else None)
+    assert optimization["graphs"].keys() == {"model", "decoder"}
     for name in ("fp32", "optimized"):
         parity = manifest.variants[name]["parity"]
         assert parity["passed"] and parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
@@ -247,7 +252,7 @@ def test_image_bundle(tmp_path: Path):
         parity = variant["parity"]
         assert parity["passed"] and parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
         assert {c["case"] for c in parity["graphs"]["model"]["cases"]} == {"batch 1", "batch 3"}
-    assert "FusedConv" in manifest.variants["optimized"]["optimization"]["fused_ops"]
+    assert "FusedConv" in manifest.variants["optimized"]["optimization"]["graphs"]["model"]["fused_ops"]
 
     from PIL import Image
     from transformers import AutoModelForImageClassification
