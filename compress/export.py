@@ -165,10 +165,11 @@ def _export(module: torch.nn.Module, role: str, path: Path, example: dict[str, n
     return Graph(role=role, path=path, module=module, input_names=input_names, output_names=output_names)
 
 
-def graph_signature(path: Path) -> dict[str, Any]:
-    """Opset, inputs and outputs ({name, dtype, shape} with symbolic dims as strings) of an ONNX file."""
+def describe_graph(path: Path) -> dict[str, Any]:
+    """Opset, inputs and outputs ({name, dtype, shape}, symbolic dims as strings) of an ONNX file, and the count of
+    exactly-zero values among its float weight matrices (initializers with 2+ dims): one load of the file."""
     onnx = require("onnx")
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path))
 
     def tensors(values: Any) -> list[dict[str, Any]]:
         out = []
@@ -178,18 +179,12 @@ def graph_signature(path: Path) -> dict[str, Any]:
             out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
         return out
 
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    return {"opset": opset, "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output)}
-
-
-def weight_sparsity(paths: Sequence[Path]) -> float:
-    """Fraction of exactly-zero values in the float weight matrices (initializers with 2+ dims) of the graphs."""
-    onnx = require("onnx")
     zeros = total = 0
-    for path in paths:
-        for init in onnx.load(str(path)).graph.initializer:
-            if len(init.dims) >= 2 and init.data_type == onnx.TensorProto.FLOAT:
-                values = onnx.numpy_helper.to_array(init)
-                zeros += int(values.size - np.count_nonzero(values))
-                total += int(values.size)
-    return zeros / total if total else 0.0
+    for init in model.graph.initializer:
+        if len(init.dims) >= 2 and init.data_type == onnx.TensorProto.FLOAT:
+            values = onnx.numpy_helper.to_array(init)
+            zeros += int(values.size - np.count_nonzero(values))
+            total += int(values.size)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return {"opset": opset, "inputs": tensors(model.graph.input), "outputs": tensors(model.graph.output),
+            "weight_zeros": zeros, "weight_count": total}
