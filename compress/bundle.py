@@ -67,7 +67,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: ExportConfig 
         task = prepare_task(run, model, stage, picked, config.parity)
         data = new_manifest(run.task, source_run=task.source_run, **task.sections)
         fp32 = task.export(stage, "fp32", opset=config.opset)
-        parity = _gate(fp32, {g.role: g.path for g in fp32}, task, config.parity, "fp32")
+        parity = gate_graphs(fp32, {g.role: g.path for g in fp32}, task, config.parity, "fp32")
         _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, parent=None, parity=parity,
                      metrics=task.evaluate(fp32[0].path) if config.evaluate else None)
         if config.optimize:
@@ -77,7 +77,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: ExportConfig 
             for graph in fp32:
                 files[graph.role] = stage / f"optimized{GRAPH_SUFFIX[graph.role]}"
                 optimization["graphs"][graph.role] = optimize_graph(graph.path, files[graph.role], **task.fusion_args)
-            parity = _gate(fp32, files, task, config.optimized_parity or config.parity, "optimized")
+            parity = gate_graphs(fp32, files, task, config.optimized_parity or config.parity, "optimized")
             _add_variant(stage, data, "optimized", files, parent="fp32", parity=parity, optimization=optimization,
                          metrics=task.evaluate(files["model"]) if config.evaluate else None)
         data["default_variant"] = "optimized" if config.optimize else "fp32"
@@ -120,9 +120,10 @@ def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path]
     return read_manifest(root)
 
 
-def _gate(reference: list[Graph], files: dict[str, Path], task: TaskExport, config: ParityConfig,
+def gate_graphs(reference: list[Graph], files: dict[str, Path], task: TaskExport, config: ParityConfig,
           variant: str) -> dict[str, Any]:
-    """Parity of each graph file against the PyTorch module it came from (+ greedy generation for decoders)."""
+    """Parity of each graph file ({role: path}) against the PyTorch module it came from (+ greedy generation for
+    decoders); the variant's `parity` record, or ParityError. Derived variants are gated against PyTorch, not fp32."""
     records: dict[str, Any] = {}
     for graph in reference:
         label = f"{variant} {graph.role} graph ({files[graph.role].name})"
