@@ -153,6 +153,7 @@ def _export(module: torch.nn.Module, role: str, path: Path, example: dict[str, n
         # TracerWarnings flag the Python branches named above; the parity gate checks what they would break.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*")
         try:
             torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,

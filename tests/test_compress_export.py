@@ -237,6 +237,25 @@ print(json.dumps(out))
             assert got[variant][i] == want, f"{arch} {variant} batch {len(batch)}"
 
 
+def test_export_leaves_the_model_in_eval_mode(tmp_path: Path):
+    """torch.onnx.export restores the training flag of the module it traces; a wrapper left in nn.Module's default
+    train mode switched GPT-2's dropout back on, and "PyTorch" then differed from the graph by ~0.1."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.export import LM_INPUTS, export_causal_lm
+    from compress.inputs import position_ids
+
+    run = make_causal_lm_run(tmp_path / "run", arch="gpt2")
+    model = AutoModelForCausalLM.from_pretrained(run / "model", attn_implementation="eager").eval()
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    example = {"input_ids": np.array([[0, 5, 6, 7], [8, 9, 10, 11]]), "attention_mask": mask,
+               "position_ids": position_ids(mask)}
+    graph = export_causal_lm(model, tmp_path / "model.onnx", example=example, input_names=list(LM_INPUTS))
+    assert not any(m.training for m in graph.module.modules())
+    first, second = graph.reference(example)["logits"], graph.reference(example)["logits"]
+    np.testing.assert_array_equal(first, second)  # no dropout noise
+
+
 # --- image classification ------------------------------------------------------------------------------------------
 
 def test_image_bundle(tmp_path: Path):
