@@ -100,6 +100,9 @@ class ImageSet:
 
 # --- loading --------------------------------------------------------------------------------------------------
 
+Loaded = tuple[np.ndarray | list[Image.Image], list[Any]]  # images and raw label values of one split
+
+
 def load_image_splits(cfg: ImageDataConfig, *, seed: int,
                       num_labels: int | None = None) -> tuple[dict[str, ImageSet], list[str]]:
     """{"train": ..., "eval": ...} as loaded uint8 images with label ids, and the label names in id order."""
@@ -130,9 +133,6 @@ def load_image_splits(cfg: ImageDataConfig, *, seed: int,
             pick = np.sort(np.random.default_rng(seed).permutation(len(splits[name]))[:limit])
             splits[name] = splits[name].subset(pick)
     return splits, names
-
-
-Loaded = tuple[np.ndarray | list[Image.Image], list[Any]]  # images and raw label values of one split
 
 
 def _load_source(source: str, cfg: ImageDataConfig, key: str) -> dict[str, Loaded]:
