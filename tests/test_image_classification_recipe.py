@@ -139,6 +139,10 @@ def test_kill_and_resume_matches_the_uninterrupted_run(shape_npz, tmp_path):
     killed_log = {e["step"]: e for e in read_log(killed) if "train_loss" in e}
     assert sorted(killed_log) == sorted(full_log) == list(range(1, 61)), "the resumed log must read as one run"
     assert killed_log[60]["train_loss"] == pytest.approx(full_log[60]["train_loss"], abs=1e-6)
+    # Augmentation was on, yet eval saw the plain images: the torch-free pipeline reproduces the run's scores.
+    logits, _, task = reloaded_logits(killed, shape_npz)
+    rescored = score_classifier(logits.numpy(), np.load(shape_npz)["y_test"], num_labels=3)
+    assert rescored["eval_loss"] == pytest.approx(task["eval"]["eval_loss"], abs=1e-5)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(shape_npz, tmp_path):

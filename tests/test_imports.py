@@ -10,7 +10,7 @@ import sys
 from conftest import REPO
 
 SUBMODULES = ["config", "data", "models", "optim", "metrics", "checkpoint", "evaluation", "tracking", "plots",
-              "rundir", "errors"]
+              "rundir", "errors", "image_preprocessing", "image_data", "image_augment", "vision_models"]
 HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx"]
 
 
