@@ -1,7 +1,7 @@
 """Benchmark: the CNN and MLP baselines on MNIST with the image-classification recipe, on this machine.
 
     python bench/image_classification.py                 # both, the shipped configs (mnist_cnn.yaml, mnist_mlp.yaml)
-    python bench/image_classification.py --models cnn --threads 1
+    python bench/image_classification.py --models cnn resnet --threads 1
 
 Each model trains for its config's fixed number of epochs on the 60,000 MNIST training images
 (../shared/data/mnist/mnist.npz) in its own subprocess, as a user runs the recipe; the saved model (the last epoch's:
@@ -26,6 +26,7 @@ from common import REPO, machine, run_measured
 MODELS = {  # name -> (shipped config, test-accuracy target)
     "cnn": ("recipes/configs/image_classification/mnist_cnn.yaml", 0.993),
     "mlp": ("recipes/configs/image_classification/mnist_mlp.yaml", 0.980),
+    "resnet": ("recipes/configs/image_classification/resnet_small.yaml", 0.993),  # optional: --models resnet
 }
 WALL_TARGET_SECONDS = 15 * 60
 
@@ -80,7 +81,7 @@ def score(model_dir: Path, data: str, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/mnist/mnist.npz"))
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["cnn", "mlp"])
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS for training and inference (default: torch's, one per core)")
     parser.add_argument("--inference-batch-size", type=int, default=256)
