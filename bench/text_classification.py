@@ -14,27 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, machine, run_measured
+
 RECIPE_CONFIG = REPO / "recipes/configs/text_classification/sst2.yaml"
-
-
-def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run `cmd` from the repo root; return (wall seconds, peak RSS in MiB of that process alone)."""
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd)} failed; see {log}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def recipe_run(args: argparse.Namespace, out: Path) -> dict:
@@ -115,16 +100,6 @@ def test_accuracy(model_dir: str, test_tsv: str) -> float:
             enc = tokenizer(sentences[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
             correct += (model(**enc).logits.argmax(-1) == torch.tensor(labels[i:i + 64])).sum().item()
     return correct / len(sentences)
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def main() -> None:

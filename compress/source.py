@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -83,9 +81,7 @@ def load_model(run: Run) -> Any:
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if run.task == "image-classification":
         loader = transformers.AutoModelForImageClassification
-        # tuneforge's own CNNs register with the Auto classes when their module is imported (DESIGN: finetune/cnn).
-        if importlib.util.find_spec("finetune.cnn") is not None:
-            importlib.import_module("finetune.cnn")
+        import finetune.vision_models  # noqa: F401 - registers tuneforge's CNN and MLP with the Auto classes
     else:
         loader = (transformers.AutoModelForCausalLM if run.task == "causal-lm"
                   else transformers.AutoModelForSequenceClassification)

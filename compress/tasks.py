@@ -26,10 +26,11 @@ from compress.export import (
     export_decoder,
     forward_input_names,
 )
-from compress.inputs import encode_texts, position_ids, preprocess_images
+from compress.inputs import encode_texts, position_ids
 from compress.manifest import TOKENIZER_FILE
 from compress.parity import Case, ParityConfig, open_session
 from compress.source import TEXT_TASKS, Run, Samples, load_tokenizer, run_data_config
+from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class ImageClassifierExport(TaskExport):
         if not spec:
             raise ExportError(f"{run.model_dir}/tuneforge.json has no 'preprocessing'; image bundles need the spec")
         self.sections = {"labels": run.meta.get("label_names"), "preprocessing": spec}
-        pixels = preprocess_images(samples.images, spec)
+        pixels = preprocess_batch(samples.images, PreprocessingSpec.from_dict(spec))
         self.cases["model"] = []
         for size in parity.batch_sizes:
             idx = [i % len(pixels) for i in range(size)]

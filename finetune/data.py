@@ -66,20 +66,21 @@ def load_raw_splits(cfg: TextDataConfig, seed: int) -> dict[str, Any]:
         train_src = str(folder / "train.csv")
         eval_src = eval_src or str(folder / "test.csv")
 
-    _check_local(train_src, "data.train")
+    check_local(train_src, "data.train")
     if eval_src is not None:
-        _check_local(eval_src, "data.eval")
+        check_local(eval_src, "data.eval")
     if Path(train_src).exists():
-        train = _load_local(train_src, cfg)
+        train = load_table(train_src, cfg.quoting)
         if eval_src is not None and Path(eval_src).exists():
-            evals = _load_local(eval_src, cfg)
+            evals = load_table(eval_src, cfg.quoting)
         elif eval_src is not None:
             raise DataError(f"eval file {eval_src!r} not found; set data.eval to an existing file or leave it empty "
                             "to hold out data.eval_fraction of train")
         else:
-            train, evals = _hold_out(train, cfg.eval_fraction, seed)
+            train, evals = hold_out(train, cfg.eval_fraction, seed)
     else:
-        train, evals = _load_hub(train_src, eval_src, cfg, seed)
+        train, evals = load_hub_splits(train_src, eval_src, hub_config=cfg.hub_config, train_split=cfg.train_split,
+                                       eval_fraction=cfg.eval_fraction, seed=seed)
 
     splits = {"train": train, "eval": evals}
     for name, ds in splits.items():
@@ -91,14 +92,15 @@ def load_raw_splits(cfg: TextDataConfig, seed: int) -> dict[str, Any]:
     return splits
 
 
-def _check_local(source: str, key: str) -> None:
+def check_local(source: str, key: str) -> None:
     """A source that looks like a file path (not a hub id or split name) must exist."""
     looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS
     if looks_local and not Path(source).expanduser().exists():
         raise DataError(f"data file {source!r} does not exist; fix {key} (paths are relative to {Path.cwd()})")
 
 
-def _load_local(path: str, cfg: TextDataConfig) -> Any:
+def load_table(path: str, quoting: str = "auto") -> Any:
+    """A local csv/tsv/json/jsonl/parquet file (or a folder of them) as one `datasets.Dataset`."""
     import datasets
 
     p = Path(path)
@@ -118,7 +120,7 @@ def _load_local(path: str, cfg: TextDataConfig) -> Any:
     kwargs: dict[str, Any] = {}
     if _BUILDERS[suffix] == "csv":
         kwargs["delimiter"] = "\t" if suffix == ".tsv" else ","
-        no_quoting = cfg.quoting == "none" or (cfg.quoting == "auto" and suffix == ".tsv")
+        no_quoting = quoting == "none" or (quoting == "auto" and suffix == ".tsv")
         kwargs["quoting"] = csv.QUOTE_NONE if no_quoting else csv.QUOTE_MINIMAL
     try:
         return datasets.load_dataset(_BUILDERS[suffix], data_files=data_files, split="train", **kwargs)
@@ -130,28 +132,31 @@ def _load_local(path: str, cfg: TextDataConfig) -> Any:
                         "check the file's format") from None
 
 
-def _load_hub(dataset_id: str, eval_split: str | None, cfg: TextDataConfig, seed: int) -> tuple[Any, Any]:
+def load_hub_splits(dataset_id: str, eval_split: str | None, *, hub_config: str | None, train_split: str,
+                    eval_fraction: float, seed: int) -> tuple[Any, Any]:
+    """Train and eval splits of a hub dataset: `eval_split`, else its validation or test split, else held out."""
     import datasets
 
     try:
-        dsd = datasets.load_dataset(dataset_id, cfg.hub_config)
+        dsd = datasets.load_dataset(dataset_id, hub_config)
     except Exception as err:
         raise DataError(f"data.train {dataset_id!r} is not a local file or folder, and loading it from the hub "
                         f"failed ({type(err).__name__}); check the path, or go online for a hub dataset") from None
-    if cfg.train_split not in dsd:
-        raise DataError(f"{dataset_id!r} has no split {cfg.train_split!r} (splits: {', '.join(dsd)}); "
+    if train_split not in dsd:
+        raise DataError(f"{dataset_id!r} has no split {train_split!r} (splits: {', '.join(dsd)}); "
                         "set data.train_split")
-    train = dsd[cfg.train_split]
+    train = dsd[train_split]
     if eval_split is None:
         eval_split = next((s for s in ("validation", "test") if s in dsd), None)
     if eval_split is None:
-        return _hold_out(train, cfg.eval_fraction, seed)
+        return hold_out(train, eval_fraction, seed)
     if eval_split not in dsd:
         raise DataError(f"{dataset_id!r} has no split {eval_split!r} (splits: {', '.join(dsd)}); set data.eval")
     return train, dsd[eval_split]
 
 
-def _hold_out(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+def hold_out(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """A seeded random `fraction` of a `datasets.Dataset` as eval; the rest as train."""
     if len(ds) < 2:
         raise DataError(f"cannot hold out an eval split from {len(ds)} row(s); add rows or set data.eval")
     parts = ds.train_test_split(test_size=fraction, seed=seed)
@@ -181,42 +186,58 @@ def encode_labels(splits: dict[str, Any], cfg: TextDataConfig, *, regression: bo
                                 f"{next(v for v in batch[cfg.label_column] if not _is_number(v))!r}") from None
         return {n: ds.map(to_float, batched=True, desc=f"labels ({n})") for n, ds in splits.items()}, None
 
-    train_values = splits["train"].unique(cfg.label_column)
+    names = resolve_label_names(splits["train"].unique(cfg.label_column), label_names=cfg.label_names,
+                                num_labels=num_labels, column=cfg.label_column)
+
+    def map_labels(batch: dict[str, list], split: str) -> dict[str, list]:
+        return {"labels": label_ids(batch[cfg.label_column], names, split=split)}
+
+    return {n: ds.map(map_labels, batched=True, fn_kwargs={"split": n}, desc=f"labels ({n})")
+            for n, ds in splits.items()}, names
+
+
+def resolve_label_names(train_values: Sequence[Any], *, label_names: Sequence[str] | None, num_labels: int | None,
+                        column: str) -> list[str]:
+    """The label names, in id order, for the distinct labels of the train split (strings or integers >= 0).
+
+    String labels: `label_names` order, default sorted. Integer labels: `label_names`, default "0", "1", ...
+    (as many as `num_labels` or the largest label + 1). `num_labels`, when given, must match.
+    """
     if any(v is None for v in train_values):
-        raise DataError(f"the train split has empty labels in column {cfg.label_column!r}; fill or drop those rows")
+        raise DataError(f"the train split has empty labels in column {column!r}; fill or drop those rows")
     if all(isinstance(v, str) for v in train_values):
-        names = list(cfg.label_names) if cfg.label_names else sorted(train_values)
+        names = list(label_names) if label_names else sorted(train_values)
         unknown = sorted(set(train_values) - set(names))
         if unknown:
             raise DataError(f"labels {unknown} are not in data.label_names {names}; add them or fix the data")
     elif all(isinstance(v, int) and not isinstance(v, bool) for v in train_values):
         if min(train_values) < 0:
-            raise DataError(f"integer labels must be >= 0, found {min(train_values)} in column {cfg.label_column!r}")
-        count = max(len(cfg.label_names or []), num_labels or 0, max(train_values) + 1)
-        names = list(cfg.label_names) if cfg.label_names else [str(i) for i in range(count)]
+            raise DataError(f"integer labels must be >= 0, found {min(train_values)} in column {column!r}")
+        count = max(len(label_names or []), num_labels or 0, max(train_values) + 1)
+        names = list(label_names) if label_names else [str(i) for i in range(count)]
         if max(train_values) >= len(names):
             raise DataError(f"label {max(train_values)} is out of range for {len(names)} label names; "
                             "fix data.label_names")
     else:
-        raise DataError(f"column {cfg.label_column!r} holds {sorted({type(v).__name__ for v in train_values})} "
+        raise DataError(f"column {column!r} holds {sorted({type(v).__name__ for v in train_values})} "
                         "values; classification needs strings or integers (for numbers, set task: regression)")
     if num_labels is not None and num_labels != len(names):
         raise DataError(f"the data has {len(names)} labels ({', '.join(names)}) but model.num_labels is "
                         f"{num_labels}; set model.num_labels to {len(names)} or leave it empty")
+    return names
+
+
+def label_ids(values: Sequence[Any], names: Sequence[str], *, split: str) -> list[int]:
+    """Label values (names, or integer ids into `names`) -> ids; an unknown label is a DataError naming the split."""
     to_id = {name: i for i, name in enumerate(names)}
-
-    def map_labels(batch: dict[str, list], split: str) -> dict[str, list]:
-        ids = []
-        for v in batch[cfg.label_column]:
-            key = v if isinstance(v, str) else (names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
-            if key not in to_id:
-                raise DataError(f"label {v!r} in the {split} split is not one of the train labels {names}; "
-                                "fix the data or set data.label_names")
-            ids.append(to_id[key])
-        return {"labels": ids}
-
-    return {n: ds.map(map_labels, batched=True, fn_kwargs={"split": n}, desc=f"labels ({n})")
-            for n, ds in splits.items()}, names
+    ids = []
+    for v in values:
+        key = v if isinstance(v, str) else (names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
+        if key not in to_id:
+            raise DataError(f"label {v!r} in the {split} split is not one of the train labels {list(names)}; "
+                            "fix the data or set data.label_names")
+        ids.append(to_id[key])
+    return ids
 
 
 def _is_number(v: Any) -> bool:

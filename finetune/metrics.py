@@ -94,20 +94,36 @@ def confusion_matrix(pred: np.ndarray, ref: np.ndarray, num_labels: int) -> np.n
     return np.bincount(ref * num_labels + pred, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
-def _precision_recall_f1(cm: np.ndarray, average: str) -> tuple[float, float, float]:
+def per_class_scores(cm: np.ndarray | list[list[int]], label_names: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of every class, by name."""
+    cm = np.asarray(cm)
+    p, r, f = _class_precision_recall_f1(cm)
+    support = cm.sum(axis=1)
+    return {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, name in enumerate(label_names)}
+
+
+def _class_precision_recall_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1; a class never predicted (or never present) scores 0, as scikit-learn's
+    zero_division=0."""
     tp = np.diag(cm).astype(np.float64)
     predicted = cm.sum(axis=0).astype(np.float64)
     actual = cm.sum(axis=1).astype(np.float64)
-    if average == "micro":
-        p = r = tp.sum() / max(1.0, cm.sum())
-        return float(p), float(r), float(p)
-    # A class never predicted (or never present) scores 0, as scikit-learn's zero_division=0.
     p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     r = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
+    return p, r, f
+
+
+def _precision_recall_f1(cm: np.ndarray, average: str) -> tuple[float, float, float]:
+    if average == "micro":
+        p = r = np.trace(cm) / max(1.0, cm.sum())
+        return float(p), float(r), float(p)
+    p, r, f = _class_precision_recall_f1(cm)
     if average == "binary":
         return float(p[1]), float(r[1]), float(f[1])
     if average == "weighted":
+        actual = cm.sum(axis=1).astype(np.float64)
         w = actual / max(1.0, actual.sum())
         return float((p * w).sum()), float((r * w).sum()), float((f * w).sum())
     return float(p.mean()), float(r.mean()), float(f.mean())

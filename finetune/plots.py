@@ -1,4 +1,4 @@
-"""Plots written to the run directory: training curves and the confusion matrix."""
+"""Plots written to the run directory: training curves, the confusion matrix, misclassified images."""
 
 from __future__ import annotations
 
@@ -68,3 +68,29 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], label_names: Sequence
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_misclassified(pixels: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                       label_names: Sequence[str], path: str | Path, *, max_images: int = 25) -> None:
+    """`misclassified.png`: a grid of up to `max_images` wrongly classified images (uint8 [N, C, H, W]), each titled
+    with its true and predicted label."""
+    plt = _pyplot()
+    wrong = np.flatnonzero(labels != predictions)[:max_images]
+    cols = max(1, min(5, len(wrong)))
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        image = pixels[i].transpose(1, 2, 0)  # [C, H, W] -> [H, W, C] for imshow
+        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {label_names[labels[i]]}\npred {label_names[predictions[i]]}", fontsize=8)
+    if not len(wrong):
+        axes[0][0].text(0.5, 0.5, f"all {len(labels)} eval images\nclassified correctly", ha="center", va="center")
+    total = int((labels != predictions).sum())
+    fig.suptitle(f"misclassified: {total} of {len(labels)} (first {len(wrong)} shown)" if total else "", fontsize=9)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny 2-layer BERT with a tokenizer built here, tiny datasets, and a recipe runner.
+"""Shared fixtures: a tiny 2-layer BERT with a tokenizer built here, tiny datasets, generated images, and a recipe
+runner.
 
 Nothing is downloaded: HF_HUB_OFFLINE=1 makes an accidental hub access fail fast.
 """
@@ -239,6 +240,43 @@ def text_run(tiny_bert: Path, sentiment_data: dict[str, Path], tmp_path_factory:
                f"data.eval={sentiment_data['eval']}", "data.label_names=[negative, positive]",
                f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=4", "optim.lr=3.0e-3")
     return out
+
+
+SHAPES = ["bar", "column", "box"]
+
+
+def make_shape_images(count: int, *, seed: int, size: int = 12, rgb: bool = False):
+    """`count` uint8 images [count, size, size] (or [..., 3]) of a horizontal bar, a vertical bar or a hollow box at a
+    random place on a noisy dark background, and their class ids (0, 1, 2 in turn): a tiny CNN learns them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(count, size, size), dtype=np.uint8)
+    labels = np.arange(count) % len(SHAPES)
+    for image, label in zip(images, labels, strict=True):
+        r, c = rng.integers(1, size - 5, size=2)
+        if label == 0:
+            image[r + 2, c:c + 5] = 230
+        elif label == 1:
+            image[r:r + 5, c + 2] = 230
+        else:
+            image[r:r + 5, c:c + 5] = 230
+            image[r + 1:r + 4, c + 1:c + 4] = rng.integers(0, 40)
+    if rgb:
+        images = np.stack([images, images // 2, 255 - images], axis=-1)
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def shape_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """shapes.npz: 48 train and 17 eval (an odd count, so 2 processes must not double-count one) 12x12 images."""
+    import numpy as np
+
+    x_train, y_train = make_shape_images(48, seed=1)
+    x_test, y_test = make_shape_images(17, seed=2)
+    path = tmp_path_factory.mktemp("shapes") / "shapes.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
 
 
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,

@@ -276,10 +276,10 @@ def test_image_bundle(tmp_path: Path):
     from PIL import Image
     from transformers import AutoModelForImageClassification
 
-    from compress.inputs import preprocess_images
+    from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8))
-    pixels = preprocess_images([image, image.convert("L")], data["preprocessing"])
+    pixels = preprocess_batch([image, image.convert("L")], PreprocessingSpec.from_dict(data["preprocessing"]))
     assert pixels.shape == (2, 3, 24, 20) and pixels.dtype == np.float32
     manual = (np.asarray(image.resize((20, 24), Image.Resampling.BILINEAR), np.float32) / 255
               - np.array([0.5, 0.4, 0.3], np.float32)) / np.array([0.25, 0.2, 0.3], np.float32)
