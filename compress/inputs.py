@@ -18,7 +18,12 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | No
     """int64 [batch, sequence] arrays named as the graph's inputs, from a `tokenizers.Tokenizer` whose truncation and
     padding are set in its file (as in a bundle's tokenizer.json). `position_ids` follow the attention mask."""
     batch = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-    encodings = tokenizer.encode_batch(batch)
+    return encodings_to_arrays(tokenizer.encode_batch(batch), input_names=input_names)
+
+
+def encodings_to_arrays(encodings: Sequence[Any], *, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """int64 [batch, sequence] graph inputs from `tokenizers.Encoding`s already padded to one length (a batch encoded
+    with padding on); for callers that also inspect the encodings (e.g. `overflowing`, set when text was truncated)."""
     mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
     arrays = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64), "attention_mask": mask,
               "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),

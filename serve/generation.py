@@ -1,0 +1,187 @@
+"""Text generation with a KV-cache model step: sampling rules as transformers applies them, streamed text. numpy only.
+
+The model is a `compress.decoding.Step` (the ONNX decoder graph's `onnx_step`, or serve.pytorch's PyTorch step) run
+by `compress.decoding.decode_loop`. The next-token rule follows transformers' order: repetition penalty, then
+temperature, top-k, top-p, then a draw (or argmax when greedy).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from compress.decoding import Step, decode_loop
+from serve.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How `generate` picks tokens. `do_sample=False` or `temperature=0` is greedy; `seed` makes sampling repeat."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; > 1 discourages tokens already in the prompt or the output
+    do_sample: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"{message}; got {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def from_manifest(cls, section: dict[str, Any] | None) -> GenerationSettings:
+        """The bundle's generation defaults (unknown keys, e.g. eos_token_id, are not settings)."""
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in (section or {}).items() if k in known and v is not None})
+
+
+class Sampler:
+    """The next-token rule for `decode_loop`: picks a token per row and remembers it for the repetition penalty."""
+
+    def __init__(self, settings: GenerationSettings, prompt_ids: np.ndarray):
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)
+        self.prompt_ids = np.atleast_2d(prompt_ids)  # [batch, prompt]
+        self.seen: np.ndarray | None = None  # [batch, vocab] bool, built on the first call (vocab from the logits)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """logits [batch, vocab] -> tokens [batch] int64."""
+        s = self.settings
+        scores = logits.astype(np.float32)
+        if self.seen is None:
+            self.seen = np.zeros(scores.shape, dtype=bool)
+            np.put_along_axis(self.seen, self.prompt_ids, True, axis=1)
+        if s.repetition_penalty != 1.0:
+            penalized = np.where(scores < 0, scores * s.repetition_penalty, scores / s.repetition_penalty)
+            scores = np.where(self.seen, penalized, scores)
+        token = scores.argmax(axis=-1) if s.greedy else self._draw(self._warp(scores / s.temperature))
+        self.seen[np.arange(len(token)), token] = True
+        return token.astype(np.int64)
+
+    def _warp(self, scores: np.ndarray) -> np.ndarray:
+        """Top-k, then top-p (nucleus): scores outside the kept set become -inf."""
+        s = self.settings
+        if 0 < s.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -s.top_k, axis=-1)[:, -s.top_k][:, None]
+            scores = np.where(scores < kth, -np.inf, scores)
+        if s.top_p < 1.0:
+            order = np.argsort(-scores, axis=-1, kind="stable")
+            sorted_probs = _softmax(np.take_along_axis(scores, order, axis=-1))
+            before = np.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the better-ranked tokens
+            drop_sorted = before >= s.top_p  # the first token (mass 0 before it) always stays
+            drop = np.zeros_like(drop_sorted)
+            np.put_along_axis(drop, order, drop_sorted, axis=-1)
+            scores = np.where(drop, -np.inf, scores)
+        return scores
+
+    def _draw(self, scores: np.ndarray) -> np.ndarray:
+        probs = _softmax(scores)
+        cumulative = np.cumsum(probs, axis=-1)
+        u = self.rng.random((len(probs), 1)) * cumulative[:, -1:]
+        return np.minimum((cumulative < u).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores.astype(np.float64) - scores.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class TextGenerator:
+    """Causal LM generation: `generate(prompt, ...)` streams text pieces as tokens come; `complete` returns the text.
+
+    Thread-safe: each call keeps its own cache and random state; the decoder session is shared.
+    """
+
+    def __init__(self, tokenizer: Any, step: Step, *, defaults: GenerationSettings,
+                 eos_token_id: int | list[int] | None, pad_token_id: int, max_length: int | None = None,
+                 chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None, name: str = "text generator"):
+        self.tokenizer, self.step, self.defaults, self.name = tokenizer, step, defaults, name
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.max_length, self.chat_template = max_length, chat_template
+        self.special_tokens = special_tokens or {}  # e.g. {"bos_token": "<s>"}: names chat templates refer to
+
+    def settings(self, **overrides: Any) -> GenerationSettings:
+        """The bundle's defaults with the given (non-None) overrides."""
+        unknown = sorted(set(overrides) - set(GenerationSettings.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"unknown generation settings {unknown}; known: "
+                             f"{', '.join(GenerationSettings.__dataclass_fields__)}")
+        return replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+
+    def generate(self, prompt: str, **settings: Any) -> Iterator[str]:
+        """Stream the continuation of `prompt` as text pieces (a piece may hold several tokens, or wait for the next
+        token to complete a character). Settings: max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        do_sample, seed; unset ones take the bundle's defaults."""
+        ids: list[int] = []
+        emitted, text = "", ""
+        for token in self.tokens(prompt, **settings):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            # Byte-level tokens can end inside a UTF-8 character (decoded as U+FFFD); wait for the rest of it.
+            if len(text) > len(emitted) and not text.endswith("\ufffd") and text.startswith(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        if text.startswith(emitted) and len(text) > len(emitted):  # what was held back for a character never completed
+            yield text[len(emitted):]
+
+    def complete(self, prompt: str, **settings: Any) -> str:
+        """The whole continuation of `prompt` as one string."""
+        return "".join(self.generate(prompt, **settings))
+
+    def tokens(self, prompt: str, **settings: Any) -> Iterator[int]:
+        """Stream the generated token ids (EOS, when produced, is the last one)."""
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
+        chosen = self.settings(**settings)
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise InputError("the prompt encodes to no tokens; pass some text")
+        if self.max_length and len(ids) > self.max_length:
+            logger.warning("the prompt has %d tokens, over the model's training length of %d; only its last %d "
+                           "tokens are used", len(ids), self.max_length, self.max_length)
+            ids = ids[-self.max_length:]
+        input_ids = np.array([ids], dtype=np.int64)
+        sampler = Sampler(chosen, input_ids)
+        for token, _ in decode_loop(self.step, input_ids, np.ones_like(input_ids), choose=sampler,
+                                    max_new_tokens=chosen.max_new_tokens, eos_token_id=self.eos_token_id,
+                                    pad_token_id=self.pad_token_id):
+            yield int(token[0])
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a conversation ([{"role", "content"}, ...]) through the bundle's chat template, rendered as
+        transformers' apply_chat_template does (needs jinja2, which the demo extra installs)."""
+        if not self.chat_template:
+            raise InputError("this model has no chat template; pass a plain prompt to generate()")
+        try:
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise InputError("chat templates need jinja2; pip install jinja2 (the demo extra has it)") from None
+
+        def raise_exception(message: str) -> None:
+            raise InputError(f"the chat template refused the conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                          **self.special_tokens)

@@ -1,0 +1,123 @@
+"""The torch-free runtime for apps: load a bundle written by `python -m compress export` and predict.
+
+    from serve import runtime
+    model = runtime.load("bundles/reviews")                 # the default variant; or load(path, "int8-dynamic")
+    for p in model.predict(["A wonderful film.", "Dull."]):
+        print(p.label, p.probabilities)
+
+Imports numpy, onnxruntime, tokenizers, Pillow and the numpy-only helpers of compress and finetune; never torch,
+transformers or datasets (a test checks), so `pip install tuneforge` (no extras) is all an app needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from compress.decoding import onnx_step
+from compress.manifest import BundleError, Manifest, read_manifest
+from finetune.image_preprocessing import PreprocessingSpec
+from serve.batching import BatchingConfig
+from serve.errors import ServeError
+from serve.generation import GenerationSettings, TextGenerator
+from serve.predictors import ImageClassifier, Prediction, TextClassifier
+
+__all__ = ["BatchingConfig", "GenerationSettings", "ImageClassifier", "Prediction", "Predictor", "TextClassifier",
+           "TextGenerator", "create_session", "load"]
+
+logger = logging.getLogger(__name__)
+
+Predictor = TextClassifier | ImageClassifier | TextGenerator
+TEXT_TASKS = ("text-classification", "text-regression")
+
+
+def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | None = None,
+         batching: BatchingConfig | None = None, verify: bool = True) -> Predictor:
+    """A predictor for the bundle's task, running one variant (default: the manifest's default_variant).
+
+    threads: ONNX Runtime intra-op threads per model run (None: one per physical core).
+    batching: micro-batch concurrent `predict` calls (classifiers; for servers with many callers).
+    verify: check every file's sha256 against the manifest (reads each file once).
+    Returns a TextClassifier (`predict(texts, pairs=None)`), ImageClassifier (`predict(images)`) or TextGenerator
+    (`generate(prompt, ...)`, streamed). Every one of them is safe to share between threads.
+    """
+    manifest = read_manifest(bundle_dir, verify=verify)
+    name = variant or manifest.default_variant
+    data = manifest.data
+    label = f"{manifest.path.name}/{name}"
+    if manifest.task == "causal-lm":
+        if batching is not None:
+            raise ServeError("micro-batching applies to classifiers; a text generator streams one prompt per call")
+        return load_generator(manifest, name, threads=threads)
+    session = create_session(manifest.graph_path(name, "model"), threads=threads)
+    forward = _forward(session)
+    if manifest.task in TEXT_TASKS:
+        text = data.get("text") or {}
+        return TextClassifier(load_tokenizer(manifest), forward, input_names=[i.name for i in session.get_inputs()],
+                              labels=data.get("labels"), task=manifest.task, max_length=text.get("max_length"),
+                              pair_column=text.get("text_pair_column"), batching=batching, name=label)
+    spec = PreprocessingSpec.from_dict(data["preprocessing"])
+    return ImageClassifier(spec, forward, labels=data.get("labels"), input_name=session.get_inputs()[0].name,
+                           batching=batching, name=label)
+
+
+def load_generator(manifest: Manifest, variant: str, *, threads: int | None = None) -> TextGenerator:
+    """A TextGenerator over the variant's KV-cache decoder graph."""
+    data = manifest.data
+    decoder = create_session(manifest.graph_path(variant, "decoder"), threads=threads)
+    tokenizer = load_tokenizer(manifest)
+    generation, section = data.get("generation") or {}, data.get("tokenizer") or {}
+    special = {f"{kind}_token": tokenizer.id_to_token(section[f"{kind}_token_id"]) for kind in ("bos", "eos", "pad")
+               if section.get(f"{kind}_token_id") is not None}
+    return TextGenerator(tokenizer, onnx_step(decoder, data["cache"]),
+                         defaults=GenerationSettings.from_manifest(generation),
+                         eos_token_id=generation.get("eos_token_id"), pad_token_id=generation["pad_token_id"],
+                         max_length=(data.get("text") or {}).get("max_length"), chat_template=data.get("chat_template"),
+                         special_tokens=special, name=f"{manifest.path.name}/{variant}")
+
+
+def load_tokenizer(manifest: Manifest) -> Any:
+    """The bundle's tokenizer.json (training's truncation and padding are set in the file)."""
+    from tokenizers import Tokenizer
+
+    path = manifest.path / (manifest.data.get("tokenizer") or {}).get("file", "tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for unreadable files
+        raise BundleError(f"cannot read the tokenizer {path} ({str(err).splitlines()[0]}); re-export the "
+                          "bundle") from None
+
+
+def create_session(path: str | Path, *, threads: int | None = None) -> Any:
+    """One ONNX Runtime CPU session for a graph; `run` on it is thread-safe, so predictors share it.
+
+    threads: intra-op threads of each run (None: ONNX Runtime's default, one per physical core); runs are sequential
+    inside a graph (inter-op 1), which suits these chain-shaped transformer and CNN graphs.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ServeError("onnxruntime is not installed; pip install tuneforge (its base install has it)") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT warns about benign initializer clean-ups on exported graphs
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
+        raise BundleError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          "re-export the bundle, or upgrade onnxruntime if the graph uses newer operators") from None
+
+
+def _forward(session: Any) -> Any:
+    """graph inputs -> the first output (logits), through the shared session."""
+    output = session.get_outputs()[0].name
+    wanted = {i.name for i in session.get_inputs()}
+
+    def forward(feeds: dict[str, Any]) -> Any:
+        return session.run([output], {k: v for k, v in feeds.items() if k in wanted})[0]
+
+    return forward
