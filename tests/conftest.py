@@ -242,6 +242,78 @@ def text_run(tiny_bert: Path, sentiment_data: dict[str, Path], tmp_path_factory:
     return out
 
 
+def make_pair_csv(path: Path, rows: int, *, seed: int) -> Path:
+    """Sentiment rows with a second text column, `context` (neutral filler): data for a text-pair classifier."""
+    rng = random.Random(seed)
+    make_sentiment_csv(path, rows, seed=seed)
+    lines = path.read_text().splitlines()
+    out = ["text,context,sentiment"]
+    for line in lines[1:]:
+        text, sentiment, _ = line.split(",")
+        out.append(f"{text},{' '.join(rng.sample(NEUTRAL, rng.randint(1, 6)))},{sentiment}")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pair_text_run(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text-pair classification run (text + context columns, 8 steps) with max_length 24: under the tiny BERT's 64
+    positions, so over-long input is truncated as in training, never out of range."""
+    folder = tmp_path_factory.mktemp("pair_run")
+    train, evals = make_pair_csv(folder / "train.csv", 96, seed=3), make_pair_csv(folder / "eval.csv", 17, seed=4)
+    out = folder / "run"
+    run_recipe("text_classification", "--config", "recipes/configs/text_classification/default.yaml",
+               f"model.name_or_path={tiny_bert}", f"data.train={train}", f"data.eval={evals}",
+               "data.text_pair_column=context", "data.max_length=24", "data.label_names=[negative, positive]",
+               f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "optim.lr=3.0e-3")
+    return out
+
+
+def _export(run: Path, out: Path, *, optimize: bool = False) -> Path:
+    import torch
+
+    from compress.bundle import ExportConfig, export_bundle
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return export_bundle(run, out, config=ExportConfig(optimize=optimize)).path
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def serve_text_bundle(text_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The text_run exported with two variants (fp32 and optimized; the optimized one is the default)."""
+    return _export(text_run, tmp_path_factory.mktemp("serve") / "text", optimize=True)
+
+
+@pytest.fixture(scope="session")
+def serve_pair_bundle(pair_text_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(pair_text_run, tmp_path_factory.mktemp("serve") / "pair")
+
+
+@pytest.fixture(scope="session")
+def serve_image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_run(tmp_path_factory.mktemp("image") / "run")
+
+
+@pytest.fixture(scope="session")
+def serve_image_bundle(serve_image_run: Path) -> Path:
+    return _export(serve_image_run, serve_image_run.parent / "bundle")
+
+
+@pytest.fixture(scope="session")
+def serve_lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (grouped-query attention) run with a chat template."""
+    return make_causal_lm_run(tmp_path_factory.mktemp("lm") / "run", arch="llama", chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def serve_lm_bundle(serve_lm_run: Path) -> Path:
+    return _export(serve_lm_run, serve_lm_run.parent / "bundle")
+
+
 SHAPES = ["bar", "column", "box"]
 
 
