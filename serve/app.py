@@ -28,6 +28,7 @@ import numpy as np
 from finetune.errors import TuneforgeError, exit_on_user_error
 from serve.batching import BatchingConfig
 from serve.errors import ServeError
+from serve.generation import Detokenizer
 from serve.sources import DemoModel, Source, demo_models, image_examples, open_source, report_markdown, text_examples
 
 logger = logging.getLogger(__name__)
@@ -203,15 +204,17 @@ def _generation_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> 
             generator = model.predictor()
             text = generator.chat_prompt([{"role": "user", "content": prompt}]) if as_chat and \
                 generator.chat_template else prompt
-            start, first, count = time.perf_counter(), None, 0
+            start, first, count, pieces = time.perf_counter(), None, 0, Detokenizer(generator.tokenizer)
             try:
-                for piece in generator.generate(text, **settings):
+                for token in generator.tokens(text, **settings):
                     first = first if first is not None else time.perf_counter() - start
                     count += 1
-                    outputs[model.key] += piece
-                    yield _stream_update(gr, group, outputs, rows)
+                    if piece := pieces.push(token):
+                        outputs[model.key] += piece
+                        yield _stream_update(gr, group, outputs, rows)
             except TuneforgeError as err:
                 raise gr.Error(str(err)) from None
+            outputs[model.key] += pieces.flush()
             elapsed = time.perf_counter() - start
             rows.append([model.key, count, round((first or elapsed) * 1000, 1), round(count / max(elapsed, 1e-9), 1)])
             yield _stream_update(gr, group, outputs, rows)
@@ -285,7 +288,7 @@ def _checked_image(gr: Any, path: str | None, max_bytes: float) -> Any:
         raise gr.Error(f"{file.name} is not an image file; upload one of {', '.join(IMAGE_SUFFIXES)}.")
     size = file.stat().st_size
     if size > max_bytes:
-        raise gr.Error(f"{file.name} is {size / 1e6:.1f} MB; this demo takes images up to {max_bytes / 1e6:.0f} MB.")
+        raise gr.Error(f"{file.name} is {size / 1e6:.3g} MB; this demo takes images up to {max_bytes / 1e6:.3g} MB.")
     try:
         with Image.open(file) as header:  # reads the header only
             width, height = header.size

@@ -132,17 +132,12 @@ class TextGenerator:
         """Stream the continuation of `prompt` as text pieces (a piece may hold several tokens, or wait for the next
         token to complete a character). Settings: max_new_tokens, temperature, top_k, top_p, repetition_penalty,
         do_sample, seed; unset ones take the bundle's defaults."""
-        ids: list[int] = []
-        emitted, text = "", ""
+        text = Detokenizer(self.tokenizer)
         for token in self.tokens(prompt, **settings):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            # Byte-level tokens can end inside a UTF-8 character (decoded as U+FFFD); wait for the rest of it.
-            if len(text) > len(emitted) and not text.endswith("\ufffd") and text.startswith(emitted):
-                yield text[len(emitted):]
-                emitted = text
-        if text.startswith(emitted) and len(text) > len(emitted):  # what was held back for a character never completed
-            yield text[len(emitted):]
+            if piece := text.push(token):
+                yield piece
+        if rest := text.flush():
+            yield rest
 
     def complete(self, prompt: str, **settings: Any) -> str:
         """The whole continuation of `prompt` as one string."""
@@ -185,3 +180,27 @@ class TextGenerator:
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
                                                           **self.special_tokens)
+
+
+class Detokenizer:
+    """Incremental decoding: `push(token)` returns the text that token completes ("" while a character is cut)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.emitted, self.text = tokenizer, [], "", ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # Byte-level tokens can end inside a UTF-8 character (decoded as U+FFFD); wait for the rest of it.
+        if len(self.text) > len(self.emitted) and not self.text.endswith("\ufffd") and \
+                self.text.startswith(self.emitted):
+            piece, self.emitted = self.text[len(self.emitted):], self.text
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """What was held back for a character that never completed."""
+        if len(self.text) > len(self.emitted) and self.text.startswith(self.emitted):
+            piece, self.emitted = self.text[len(self.emitted):], self.text
+            return piece
+        return ""

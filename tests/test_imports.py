@@ -14,7 +14,9 @@ SUBMODULES = ["config", "data", "models", "optim", "metrics", "checkpoint", "eva
 COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
                        "bundle"]
 # What serve.runtime may import (no torch, transformers or datasets).
-TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing"]
+TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
+              "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]
+SERVE_SUBMODULES = ["errors", "batching", "predictors", "generation", "runtime", "pytorch", "sources", "sketch", "app"]
 HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx"]
 
 
@@ -31,13 +33,15 @@ def top_level(modules: set[str]) -> set[str]:
     return {name.split(".", 1)[0] for name in modules}
 
 
-def test_training_modules_do_not_import_export_or_serving_dependencies():
+def test_modules_do_not_import_export_or_serving_dependencies():
     lines = ["import finetune", *(f"import finetune.{m}" for m in SUBMODULES), "import compress",
-             *(f"import compress.{m}" for m in COMPRESS_SUBMODULES), "import serve"]
+             *(f"import compress.{m}" for m in COMPRESS_SUBMODULES), "import serve",
+             *(f"import serve.{m}" for m in SERVE_SUBMODULES)]
     imports = "\n".join(lines)
     loaded = modules_after(imports)
     assert {f"finetune.{m}" for m in SUBMODULES} <= loaded  # the imports really ran
     assert {f"compress.{m}" for m in COMPRESS_SUBMODULES} <= loaded
+    assert {f"serve.{m}" for m in SERVE_SUBMODULES} <= loaded
     assert "torch" in loaded  # sanity: the heavy training stack did load
     leaked = sorted(set(HEAVY_OPTIONAL) & top_level(loaded))
     assert not leaked, f"importing the training modules loaded {leaked}"

@@ -1,0 +1,282 @@
+"""The Gradio demo as users meet it: `python -m serve` in a subprocess on a free loopback port, called through
+gradio_client (every endpoint, bad inputs, a bounded load test) and driven in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from serve import runtime
+from serve.app import demo_command
+from serve.sketch import sketch_to_image
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+UPLOAD_LIMIT_MB = 0.05  # small, so the test's "too large" image stays small
+TEXT_VARIANTS = ["text/optimized", "text/fp32", "run/pytorch"]  # two sources of one task: keys are source/variant
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(serve_text_bundle: Path, text_run: Path, serve_image_bundle: Path, serve_lm_bundle: Path,
+         tmp_path_factory: pytest.TempPathFactory):
+    """The demo on a text bundle (2 variants) + its run (PyTorch), an image bundle and a causal-LM bundle."""
+    assert serve_text_bundle.name == "text" and text_run.name == "run"
+    port, logs = free_port(), tmp_path_factory.mktemp("demo")
+    command = [sys.executable, "-m", "serve", str(serve_text_bundle), str(text_run), str(serve_image_bundle),
+               str(serve_lm_bundle), "--port", str(port), "--threads", "1", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(logs / "gradio"),
+           "OMP_NUM_THREADS": "1"}
+    with open(logs / "demo.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the demo exited ({proc.returncode}):\n{(logs / 'demo.log').read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/gradio_api/info", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the demo did not answer in 180 s:\n{(logs / 'demo.log').read_text()[-4000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "proc": proc, "log": logs / "demo.log"}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def client(demo: dict):
+    from gradio_client import Client
+
+    return Client(demo["url"], verbose=False)
+
+
+def label_of(update: dict) -> dict[str, float]:
+    """{label: confidence} from a gr.Label update as gradio_client returns it."""
+    return {c["label"]: c["confidence"] for c in update["value"]["confidences"]}
+
+
+def sketch_value(path: Path) -> dict:
+    from gradio_client import handle_file
+
+    return {"background": None, "layers": [], "composite": handle_file(str(path))}
+
+
+# --- every endpoint -------------------------------------------------------------------------------------------------
+
+def test_every_endpoint_answers_as_the_runtime_does(demo: dict, serve_text_bundle: Path, serve_image_bundle: Path,
+                                                    serve_lm_bundle: Path, tmp_path: Path):
+    from gradio_client import handle_file
+
+    api = client(demo)
+    assert set(api.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/classify_text", "/classify_image", "/classify_sketch", "/generate"}
+
+    *labels, table = api.predict("the movie was good and nice", "", TEXT_VARIANTS, api_name="/classify_text")
+    assert [row[0] for row in table["data"]] == TEXT_VARIANTS and table["headers"][:2] == ["variant", "prediction"]
+    for key, update in zip(TEXT_VARIANTS, labels, strict=True):
+        assert update["visible"] and update["label"].startswith(f"{key} · ") and update["label"].endswith(" ms")
+        if key != "run/pytorch":
+            want = runtime.load(serve_text_bundle, key.split("/")[1]).predict(["the movie was good and nice"])[0]
+            assert label_of(update) == pytest.approx(want.probabilities, abs=1e-6)
+    np.testing.assert_allclose(list(label_of(labels[2]).values()), list(label_of(labels[1]).values()), atol=1e-4)
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 27, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    *labels, table, seen = api.predict(handle_file(str(tmp_path / "photo.png")), ["fp32"], api_name="/classify_image")
+    want = runtime.load(serve_image_bundle).predict([image])[0]
+    assert label_of(labels[0]) == pytest.approx(want.probabilities, abs=1e-6)
+    assert table["data"][0][:2] == ["fp32", want.label] and Path(seen).is_file()
+
+    canvas = np.zeros((280, 280, 4), dtype=np.uint8)
+    canvas[60:220, 130:150] = (0, 0, 0, 255)  # a "1": black ink on the transparent canvas
+    Image.fromarray(canvas).save(tmp_path / "sketch.png")
+    *labels, table, seen = api.predict(sketch_value(tmp_path / "sketch.png"), ["fp32"], api_name="/classify_sketch")
+    model = runtime.load(serve_image_bundle)
+    want = model.predict([sketch_to_image(canvas, model.spec)])[0]
+    assert label_of(labels[0]) == pytest.approx(want.probabilities, abs=1e-6)
+
+    prompt = "The quick brown fox"
+    job = api.submit(prompt, False, 12, 0.0, 0, 1.0, 1.0, 0, ["fp32"], api_name="/generate")
+    updates = list(job)
+    text, table = job.result()
+    assert text["value"] == runtime.load(serve_lm_bundle).complete(prompt, do_sample=False, max_new_tokens=12,
+                                                                   top_k=0, top_p=1.0, repetition_penalty=1.0)
+    assert len(updates) > 2, "generation must stream"
+    assert table["data"][0][:2] == ["fp32", 12]
+
+
+def test_bad_inputs_get_the_demos_error_and_the_server_keeps_serving(demo: dict, tmp_path: Path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "fake.png").write_text("not an image either")
+    noise = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)  # ~68 kB as PNG: over 50 kB
+    Image.fromarray(noise).save(tmp_path / "large.png")
+    Image.fromarray(np.zeros((280, 280, 4), dtype=np.uint8)).save(tmp_path / "blank.png")
+    settings = (False, 8, 0.7, 0, 0.9, 1.0, 0)
+    cases = [
+        (("", "", ["text/fp32"]), "/classify_text", "Enter the text to classify: it is empty."),
+        (("   \n", "", ["text/fp32"]), "/classify_text", "Enter the text to classify: it is empty."),
+        (("x" * 20_001, "", ["text/fp32"]), "/classify_text", "this demo takes up to 20,000"),
+        (("good", "", []), "/classify_text", "Select at least one variant."),
+        (("good", "", ["int4"]), "/classify_text", "'int4' (type: <class 'str'>) is not in the list of choices"),
+        ((None, ["fp32"]), "/classify_image", "Upload an image first."),
+        ((handle_file(str(tmp_path / "notes.txt")), ["fp32"]), "/classify_image", "Invalid file type"),
+        ((handle_file(str(tmp_path / "fake.png")), ["fp32"]), "/classify_image", "is not an image the demo can read"),
+        ((handle_file(str(tmp_path / "large.png")), ["fp32"]), "/classify_image", "takes images up to 0.05 MB"),
+        ((sketch_value(tmp_path / "blank.png"), ["fp32"]), "/classify_sketch", "Draw something on the sketchpad"),
+        (("", *settings, ["fp32"]), "/generate", "Enter the prompt: it is empty."),
+        (("Hello", *settings, []), "/generate", "Select at least one variant."),
+    ]
+    api = client(demo)
+    for args, endpoint, message in cases:
+        with pytest.raises(AppError) as err:
+            api.predict(*args, api_name=endpoint)
+        assert message in str(err.value), f"{endpoint}{args[:1]}: {err.value}"
+        assert api.predict("good", "", ["text/fp32"], api_name="/classify_text")[-1]["data"][0][0] == "text/fp32"
+    assert demo["proc"].poll() is None
+
+
+def test_demo_command_and_cli_errors(tmp_path: Path):
+    assert demo_command("bundles/reviews", python=".venv/bin/python") == ".venv/bin/python -m serve bundles/reviews"
+    assert demo_command(Path("my bundle")).endswith(" -m serve 'my bundle'")
+    proc = subprocess.run([sys.executable, "-m", "serve", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "is neither a bundle" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "serve", str(tmp_path), "--auth", "nopassword"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--auth takes USER:PASS" in proc.stderr
+
+
+# --- load -----------------------------------------------------------------------------------------------------------
+
+def call_api(http, url: str, endpoint: str, data: list) -> list:
+    """One request through Gradio's HTTP API (what gradio_client does, minus its per-call threads): POST the inputs,
+    then read the event stream to its `complete` (the outputs) or `error` event."""
+    response = http.post(f"{url}/gradio_api/call/{endpoint}", json={"data": data})
+    response.raise_for_status()
+    event = None
+    with http.stream("GET", f"{url}/gradio_api/call/{endpoint}/{response.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                if event == "error":
+                    raise RuntimeError(f"{endpoint} answered an error: {line}")
+                return json.loads(line[len("data: "):])
+    raise RuntimeError(f"{endpoint}: the event stream ended without a result")
+
+
+def test_load_8_clients_x_200_requests_without_errors(demo: dict):
+    """8 concurrent HTTP clients, 200 requests each, to the demo's API on loopback: 0 errors; p50 / p95 recorded in
+    test-artifacts/serve_load.json."""
+    import httpx
+
+    words = ["good", "bad", "the", "movie", "awful", "superb", "it", "was", "really", "nice", "boring"]
+
+    def caller(seed: int) -> tuple[list[float], list[str]]:
+        rng, latencies, errors = np.random.default_rng(seed), [], []
+        with httpx.Client(timeout=60) as http:
+            for _ in range(200):
+                text = " ".join(rng.choice(words, rng.integers(2, 12)))
+                start = time.perf_counter()
+                try:
+                    *_, table = call_api(http, demo["url"], "classify_text", [text, "", ["text/optimized"]])
+                    assert table["data"][0][1] in ("negative", "positive"), table
+                except Exception as err:  # counted, not raised: the test reports every failure at the end
+                    errors.append(repr(err))
+                latencies.append(time.perf_counter() - start)
+        return latencies, errors
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(caller, range(8)))
+    wall = time.perf_counter() - start
+    latencies = np.array([t for lat, _ in results for t in lat]) * 1000
+    errors = [e for _, errs in results for e in errs]
+    p50, p95 = (round(float(np.percentile(latencies, q)), 1) for q in (50, 95))
+    report = {"clients": 8, "requests": int(latencies.size), "errors": len(errors), "wall_s": round(wall, 2),
+              "requests_per_s": round(latencies.size / wall, 1), "p50_ms": p50, "p95_ms": p95,
+              "max_ms": round(float(latencies.max()), 1)}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"load test: {report}")
+    assert not errors, f"{len(errors)} of 1600 requests failed, e.g. {errors[:3]}"
+    assert latencies.size == 1600 and demo["proc"].poll() is None
+
+
+# --- a real browser ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra has it)")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_browser_types_text_presses_submit_and_reads_the_label(demo: dict, browser, serve_text_bundle: Path):
+    page = browser.new_page(viewport={"width": 1200, "height": 1300})
+    page.goto(demo["url"])
+    page.fill("#text-input textarea", "the movie was good and nice")
+    page.click("#classify-text")
+    heading = page.locator("[data-testid='label-output-value']").first  # gr.Label's top class
+    heading.wait_for(state="visible", timeout=30_000)
+    want = runtime.load(serve_text_bundle).predict(["the movie was good and nice"])[0]
+    page.wait_for_function("w => document.querySelector(\"[data-testid='label-output-value']\").innerText.trim() == w",
+                           arg=want.label, timeout=30_000)
+    assert page.get_by_text("text/optimized · ").count() >= 1  # the latency shown with the variant
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_text_classification.png"), full_page=True)
+    page.close()
+
+
+def test_browser_draws_a_digit_on_the_sketchpad(demo: dict, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 1300})
+    page.goto(demo["url"])
+    page.get_by_role("tab", name="Image classification").click()
+    page.get_by_role("button", name="Brush", exact=True).click()
+    box = page.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y - 70)
+    page.mouse.down()
+    for step in range(15):
+        page.mouse.move(x + step, y - 70 + step * 10)
+    page.mouse.up()
+    page.get_by_role("button", name="Classify the drawing").click()
+    page.get_by_text("fp32 · ").first.wait_for(timeout=30_000)  # the label output, titled with its latency
+    assert page.locator("[data-testid='label-output-value']").first.inner_text().strip() in ("cat", "dog", "fox")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_sketchpad.png"), full_page=True)
+    page.close()
