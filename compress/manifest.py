@@ -80,6 +80,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -178,15 +179,26 @@ def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> Manifest:
             if graph["file"] not in files:
                 raise BundleError(f"{path}: variant {name!r} names {graph['file']!r}, which is not in 'files'; "
                                   "re-export the bundle")
-    for rel, digest in files.items():
-        file = root / rel
-        if not file.is_file():
+    for rel in files:
+        if not (root / rel).is_file():
             raise BundleError(f"bundle {root} is incomplete: {rel} is missing (listed in {MANIFEST}); copy the whole "
                               "folder or re-export it")
-        if verify and sha256_file(file) != digest:
-            raise BundleError(f"bundle {root}: {rel} does not match its sha256 in {MANIFEST} (changed or corrupted "
-                              "after export); re-export the bundle")
-    return Manifest(root, data)
+    manifest = Manifest(root, data)
+    if verify:
+        verify_files(manifest, files)
+    return manifest
+
+
+def verify_files(manifest: Manifest, names: Iterable[str]) -> None:
+    """Check that these files (paths relative to the bundle) match their sha256 in the manifest; an app that loads one
+    variant checks just its files rather than every graph of the bundle."""
+    files: dict[str, str] = manifest.data["files"]
+    for rel in names:
+        if rel not in files:
+            raise BundleError(f"bundle {manifest.path}: {rel} is not listed in {MANIFEST}; re-export the bundle")
+        if sha256_file(manifest.path / rel) != files[rel]:
+            raise BundleError(f"bundle {manifest.path}: {rel} does not match its sha256 in {MANIFEST} (changed or "
+                              "corrupted after export); re-export the bundle")
 
 
 def write_manifest(bundle_dir: str | Path, data: dict[str, Any]) -> None:

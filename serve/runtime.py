@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.decoding import onnx_step
-from compress.manifest import BundleError, Manifest, read_manifest
+from compress.manifest import BundleError, Manifest, read_manifest, verify_files
 from finetune.image_preprocessing import PreprocessingSpec
 from serve.batching import BatchingConfig
 from serve.errors import ServeError
@@ -39,13 +39,18 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
 
     threads: ONNX Runtime intra-op threads per model run (None: one per physical core).
     batching: micro-batch concurrent `predict` calls (classifiers; for servers with many callers).
-    verify: check every file's sha256 against the manifest (reads each file once).
+    verify: check the sha256 of the files this variant uses (its graph, the tokenizer) against the manifest.
     Returns a TextClassifier (`predict(texts, pairs=None)`), ImageClassifier (`predict(images)`) or TextGenerator
     (`generate(prompt, ...)`, streamed). Every one of them is safe to share between threads.
     """
-    manifest = read_manifest(bundle_dir, verify=verify)
+    manifest = read_manifest(bundle_dir, verify=False)  # the format, and that every listed file is there
     name = variant or manifest.default_variant
     data = manifest.data
+    if verify:
+        graph = "decoder" if manifest.task == "causal-lm" else "model"
+        used = [manifest.graph_path(name, graph).relative_to(manifest.path).as_posix(),
+                (data.get("tokenizer") or {}).get("file")]
+        verify_files(manifest, [f for f in used if f in data["files"]])
     label = f"{manifest.path.name}/{name}"
     if manifest.task == "causal-lm":
         if batching is not None:

@@ -328,6 +328,12 @@ def test_clear_errors_for_bundles_and_inputs(serve_pair_bundle: Path, serve_lm_b
     (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
     with pytest.raises(BundleError, match="has format_version 2, this tuneforge reads version 1"):
         runtime.load(newer)
+    tampered = shutil.copytree(serve_pair_bundle, tmp_path / "tampered")
+    with open(tampered / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(BundleError, match=r"tokenizer.json does not match its sha256"):
+        runtime.load(tampered)
+    assert runtime.load(tampered, verify=False).predict(["good"], ["it"])[0].label in ("negative", "positive")
     with pytest.raises(BundleError, match=r"has no variant 'int8' \(variants: fp32\)"):
         runtime.load(serve_pair_bundle, "int8")
     with pytest.raises(BundleError, match="does not exist"):
