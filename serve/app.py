@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model run")
     parser.add_argument("--concurrency", type=int, default=8, help="classifier requests run at once")
     parser.add_argument("--max-batch-size", type=int, default=32, help="micro-batch size of concurrent requests")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="micro-batch wait for more requests (ms)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="micro-batch wait for more requests (ms)")
     parser.add_argument("--max-upload-mb", type=float, default=5.0, help="largest image upload (MB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

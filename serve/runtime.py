@@ -99,7 +99,8 @@ def create_session(path: str | Path, *, threads: int | None = None) -> Any:
     """One ONNX Runtime CPU session for a graph; `run` on it is thread-safe, so predictors share it.
 
     threads: intra-op threads of each run (None: ONNX Runtime's default, one per physical core); runs are sequential
-    inside a graph (inter-op 1), which suits these chain-shaped transformer and CNN graphs.
+    inside a graph (inter-op 1), which suits these chain-shaped transformer and CNN graphs. The pool's threads sleep
+    rather than spin between runs: with concurrent callers, spinning threads burn the cores the other calls need.
     """
     try:
         import onnxruntime as ort
@@ -109,6 +110,7 @@ def create_session(path: str | Path, *, threads: int | None = None) -> Any:
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT warns about benign initializer clean-ups on exported graphs
     try:
         return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
