@@ -39,6 +39,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TAB_TITLES = {"text-classification": "Text classification", "text-regression": "Text regression",
               "image-classification": "Image classification", "causal-lm": "Text generation"}
 TABLE_HEADERS = ["variant", "prediction", "score", "latency (ms)"]
+TRADEOFF_PLOT = "tradeoff.png"  # written next to report.md by compress's report
 
 
 def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = None,
@@ -75,6 +76,9 @@ def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = 
                     with gr.Accordion("Report", open=False):
                         for source in dict.fromkeys(m.source for m in group):
                             gr.Markdown(report_markdown(source))
+                            if (source.path / TRADEOFF_PLOT).is_file():
+                                gr.Image(str(source.path / TRADEOFF_PLOT), label=f"{source.name}: size, speed and "
+                                         "accuracy of the variants", interactive=False)
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=64 * concurrency_limit)
     return demo
 
