@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from serve.batching import BatchingConfig
 from serve.errors import ServeError
 from serve.generation import Detokenizer
 from serve.sources import DemoModel, Source, demo_models, image_examples, open_source, report_markdown, text_examples
+
+if TYPE_CHECKING:
+    import gradio
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ TRADEOFF_PLOT = "tradeoff.png"  # written next to report.md by compress's report
 
 def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = None,
                batching: BatchingConfig | None = None, concurrency_limit: int = 8, generation_concurrency: int = 2,
-               max_upload_mb: float = 5.0, preload: bool = True, title: str = "tuneforge demo") -> Any:
+               max_upload_mb: float = 5.0, preload: bool = True, title: str = "tuneforge demo") -> gradio.Blocks:
     """A gr.Blocks with one tab per task among `sources` (bundles or run directories; paths are opened here).
 
     threads: intra-op threads per model run; batching: micro-batching of concurrent classifier requests (default
@@ -109,13 +112,14 @@ def _text_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Per variant", interactive=False)
     examples = text_examples(group[0].source)
     if examples:
-        gr.Examples(examples, [text, pair] if pair_column else [text], label="Examples from the eval split")
+        gr.Examples(examples, [text, pair] if pair_column else [text], label="Examples")
     _show_selected(gr, picker, labels, group)
 
     def classify_text(text: str, pair: str, chosen: list[str]) -> list[Any]:
         text = _checked_text(gr, text, "text to classify")
         pair_text = _checked_text(gr, pair, f"second text ({pair_column})") if pair_column else None
-        return _run_classifiers(gr, group, chosen, lambda p: p.predict([text], [pair_text] if pair_text else None)[0])
+        return _run_classifiers(gr, group, chosen,
+                                lambda p: p.predict([text], [pair_text] if p.pair_column else None)[0])
 
     # batch=False: the runtime's micro-batcher groups concurrent requests instead (a bad request then fails alone).
     gr.on([button.click, text.submit], classify_text, [text, pair, picker], [*labels, table], api_name="classify_text",

@@ -280,3 +280,23 @@ def test_browser_draws_a_digit_on_the_sketchpad(demo: dict, browser):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo_sketchpad.png"), full_page=True)
     page.close()
+
+
+def test_sketch_is_cropped_centred_and_matches_the_training_polarity():
+    from finetune.image_preprocessing import PreprocessingSpec
+
+    canvas = np.zeros((280, 280, 4), dtype=np.uint8)
+    canvas[20:120, 200:220] = (0, 0, 0, 255)  # a stroke in the top-right corner
+    dark = PreprocessingSpec(size=(28, 28), color_mode="L", mean=(0.13,), std=(0.31,))  # MNIST: light ink on black
+    image = np.asarray(sketch_to_image(canvas, dark))
+    assert image.shape[0] == image.shape[1] and image.max() == 255 and image[0, 0] == 0
+    rows, cols = np.nonzero(image)
+    assert abs((rows.min() + rows.max()) / 2 - image.shape[0] / 2) <= 1  # centred
+    assert abs((cols.min() + cols.max()) / 2 - image.shape[1] / 2) <= 1
+    assert rows.min() >= 0.14 * image.shape[0]  # with a margin, as MNIST digits have
+    light = PreprocessingSpec(size=(28, 28), color_mode="L", mean=(0.9,), std=(0.2,))  # dark ink on white
+    assert np.array_equal(np.asarray(sketch_to_image(canvas, light)), 255 - image)
+    opaque = np.full((50, 50, 3), 255, dtype=np.uint8)
+    opaque[10:40, 20:25] = 0  # black strokes on an opaque white background: ink is darkness
+    assert np.asarray(sketch_to_image(opaque, dark)).max() == 255
+    assert sketch_to_image(np.zeros((50, 50, 4), dtype=np.uint8), dark) is None

@@ -434,3 +434,13 @@ def test_runtime_installs_and_predicts_in_a_fresh_venv_without_torch(serve_pair_
     installed = {p["name"].lower() for p in json.loads(listed)}
     assert not installed & {"torch", "transformers", "datasets", "gradio"}
     print(f"fresh venv install + predictions: {time.monotonic() - start:.1f} s")
+
+
+def test_predictions_from_logits():
+    from serve.predictors import to_predictions
+
+    [regression] = to_predictions(np.array([[3.25]], np.float32), None, regression=True)
+    assert regression.value == 3.25 and regression.label is None and regression.probabilities == {}
+    first, second = to_predictions(np.array([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0]], np.float32), None)
+    assert first.label == "1" and list(first.probabilities) == ["0", "1", "2"]  # no names: class ids
+    assert first.score == pytest.approx(np.exp(2) / (np.exp(2) + 2)) and second.label == "0"
