@@ -1,1 +1,9 @@
-"""Serving tuneforge bundles: a torch-free ONNX runtime for apps and a Gradio demo."""
+"""Serving tuneforge bundles: a torch-free ONNX runtime for apps and a Gradio demo.
+
+    runtime      load(bundle) -> TextClassifier | ImageClassifier | TextGenerator (numpy, onnxruntime, tokenizers)
+    predictors   classifiers over any forward function; generation: sampling and streamed text; batching: micro-batches
+    pytorch      the same predictors over a run directory's PyTorch model (the demo's baseline)
+    app          build_demo(...) -> gr.Blocks and `python -m serve` (sources: what the demo serves; sketch: drawings)
+
+Importing this package is cheap: onnxruntime, tokenizers, gradio and torch load inside the functions that need them.
+"""

@@ -114,7 +114,9 @@ class MicroBatcher(Generic[Item, Result]):
                     break
                 batch.append(request)
                 count += len(request.items)
-            self._dispatch(batch)
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]  # drops callers who cancelled
+            if batch:
+                self._dispatch(batch)
 
     def _dispatch(self, batch: list[_Request[Item, Result]]) -> None:
         items = [item for request in batch for item in request.items]

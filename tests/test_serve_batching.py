@@ -62,6 +62,17 @@ def test_a_failing_request_fails_alone():
     assert batcher([5]) == [25]  # still serving
 
 
+def test_a_cancelled_request_is_skipped():
+    run = Recorder(seconds=0.05)
+    batcher = MicroBatcher(run, BatchingConfig(max_batch_size=1))
+    first = batcher.submit([1])
+    time.sleep(0.01)  # the worker is busy with the first request
+    second = batcher.submit([2])
+    assert second.cancel()
+    assert first.result() == [1] and batcher([3]) == [9]
+    assert [2] not in run.batches
+
+
 def test_close_finishes_queued_work_then_refuses():
     batcher = MicroBatcher(Recorder(), BatchingConfig(max_batch_size=2, max_wait_ms=1))
     futures = [batcher.submit([i]) for i in range(6)]
