@@ -111,8 +111,9 @@ def test_instruction_run_with_lora_saves_a_plain_merged_model(tiny_llama, lm_dat
     out = tmp_path / "lora"
     run_recipe("causal_lm", *tiny_args(tiny_llama, lm_data["instruction"], out, "data.format=instruction",
                                        "data.block_size=64", "data.eval_fraction=0.25", "lora.enabled=true",
-                                       "lora.r=4", "lora.alpha=64", "lora.target_modules=[q_proj, v_proj]", "optim.lr=3.0e-2",
-                                       "train.epochs=3", 'generation.prompts=["Finish: the quick brown fox"]'))
+                                       "lora.r=4", "lora.alpha=64", "lora.target_modules=[q_proj, v_proj]",
+                                       "optim.lr=3.0e-2", "train.epochs=3",
+                                       'generation.prompts=["Finish: the quick brown fox"]'))
     model_dir = out / "model"
     assert not list(model_dir.glob("adapter_*")), "model/ must be a plain model, adapters merged"
     merged, base = load_file(model_dir / "model.safetensors"), load_file(tiny_llama / "model.safetensors")
@@ -167,6 +168,37 @@ def test_kill_and_resume_gives_the_same_final_eval(gpt2_run, tiny_gpt2, lm_data,
     assert final_killed["last_eval"]["eval_loss"] == pytest.approx(final_full["last_eval"]["eval_loss"], abs=1e-6)
     steps = sorted(e["step"] for e in read_log(killed) if "train_loss" in e)
     assert steps == list(range(1, final_full["train"]["steps"] + 1)), "the resumed log must read as one run"
+
+
+def test_samples_load_model_dir_only_after_the_training_copy_is_gone(tiny_gpt2, lm_data, tmp_path, monkeypatch):
+    """The recipe never holds two models: when the saved model is loaded for samples, the trained one is freed."""
+    import gc
+    import importlib.util
+    import weakref
+
+    from finetune.config import load_config
+
+    spec = importlib.util.spec_from_file_location("_causal_lm_in_process", REPO / "recipes" / "causal_lm.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe
+    spec.loader.exec_module(recipe)
+    args = tiny_args(tiny_gpt2, lm_data["text"], tmp_path / "run", "train.epochs=1")
+    cfg = load_config(recipe.Config, REPO / args[1], args[2:])
+
+    weights: list[weakref.ref] = []
+    real_build = recipe.build_causal_lm
+
+    def build_and_track(model_cfg, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in weights), "an earlier model is still alive"
+        model = real_build(model_cfg, **kwargs)
+        weights.extend(weakref.ref(p) for p in model.parameters())
+        return model
+
+    monkeypatch.setattr(recipe, "build_causal_lm", build_and_track)
+    results = recipe.main(cfg)
+    assert results["generation"]["new_tokens"] > 0  # the second model (model/) was loaded and sampled
+    assert len(weights) == 2 * len(list(real_build(cfg.model).parameters()))
 
 
 @pytest.mark.parametrize(("case", "expected"), [

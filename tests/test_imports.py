@@ -9,9 +9,9 @@ import sys
 
 from conftest import REPO
 
-SUBMODULES = ["config", "data", "models", "optim", "metrics", "checkpoint", "evaluation", "tracking", "plots",
-              "rundir", "errors"]
-HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx"]
+SUBMODULES = ["config", "data", "lm_data", "models", "lora", "generation", "optim", "metrics", "checkpoint",
+              "evaluation", "tracking", "plots", "rundir", "errors"]
+HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf"]
 
 
 def modules_after(code: str) -> set[str]:

@@ -193,7 +193,7 @@ def test_one_block_cannot_be_split(tiny_gpt2, tmp_path):
     cfg = LMDataConfig(train=str(tmp_path / "small.txt"))
     tokenizer = load_tokenizer(tiny_gpt2, cfg)
     cfg.block_size = (len(tokenizer(LM_TEXT)["input_ids"]) + 1) // 2 + 1  # the stream makes exactly one block
-    with pytest.raises(DataError, match="makes 1 block of data.block_size=.*needs at least 2"):
+    with pytest.raises(DataError, match=r"makes 1 block of data\.block_size=.*needs at least 2"):
         build_lm_splits(tokenizer, cfg, seed=0)
 
 
