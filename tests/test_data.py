@@ -112,7 +112,7 @@ def test_embedded_dataset_loads_with_its_test_split():
 
 
 def test_unknown_embedded_dataset_lists_the_embedded_ones():
-    with pytest.raises(DataError, match=r"no embedded dataset 'nope'; embedded datasets: reviews"):
+    with pytest.raises(DataError, match=r"no embedded dataset 'nope'; embedded datasets: json-extraction, reviews"):
         load_raw_splits(TextDataConfig(train="embedded:nope"), seed=0)
 
 
