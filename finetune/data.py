@@ -1,8 +1,8 @@
-"""Text datasets: load (embedded, local csv/tsv/json/jsonl/parquet, or hub id), map labels, tokenize, batch.
+"""Text datasets: load (embedded, local csv/tsv/txt/json/jsonl/parquet, or hub id), map labels, tokenize, batch.
 
 Sources, in the order they are tried:
-  - `embedded:NAME`: a dataset that ships in this package (`finetune/datasets/NAME/{train,test}.csv`);
-  - a local file or a folder of files (read with `datasets`' packaged builders);
+  - `embedded:NAME`: a dataset that ships in this package (`finetune/datasets/NAME/{train,test}.csv` or `.jsonl`);
+  - a local file or a folder of files (read with `datasets`' packaged builders; a .txt file is one row, `text`);
   - a hub dataset id (needs network; fails fast with HF_HUB_OFFLINE=1).
 """
 
