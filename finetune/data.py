@@ -1,8 +1,8 @@
-"""Text datasets: load (embedded, local csv/tsv/json/jsonl/parquet, or hub id), map labels, tokenize, batch.
+"""Text datasets: load (embedded, local csv/tsv/txt/json/jsonl/parquet, or hub id), map labels, tokenize, batch.
 
 Sources, in the order they are tried:
-  - `embedded:NAME`: a dataset that ships in this package (`finetune/datasets/NAME/{train,test}.csv`);
-  - a local file or a folder of files (read with `datasets`' packaged builders);
+  - `embedded:NAME`: a dataset that ships in this package (`finetune/datasets/NAME/{train,test}.csv` or `.jsonl`);
+  - a local file or a folder of files (read with `datasets`' packaged builders; a .txt file is one row, `text`);
   - a hub dataset id (needs network; fails fast with HF_HUB_OFFLINE=1).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,44 +27,61 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".json": "json", ".js
 
 
 @dataclass
-class TextDataConfig:
-    """Where the text data is and which columns hold the text(s) and the label."""
+class DataSourceConfig:
+    """Where a dataset is: the train source, an optional eval source, and how to read and subsample them."""
 
-    train: str = "embedded:reviews"  # embedded:NAME, a local file / folder, or a hub dataset id
-    # A local file, or a split name of `train`'s hub dataset; None: its test split or a held-out part of train.
+    train: str = ""  # embedded:NAME, a local file / folder, or a hub dataset id
+    # A local file, or a split name of `train`'s hub dataset; None: its test split or a part of train held out.
     eval: str | None = None
     hub_config: str | None = None  # the hub dataset's config name (e.g. "sst2" of "nyu-mll/glue")
     train_split: str = "train"
     eval_fraction: float = 0.1  # held out of train when no eval split exists
+    # A random subset of the training examples (fixed by the seed), for quick runs and benchmarks.
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    quoting: Literal["auto", "minimal", "none"] = "auto"  # csv quoting; auto: none for .tsv, minimal for .csv
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+
+
+@dataclass
+class TextDataConfig(DataSourceConfig):
+    """A text-classification dataset: its source, and which columns hold the text(s) and the label."""
+
+    train: str = "embedded:reviews"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
     label_names: list[str] | None = None  # fixes the label order; default: sorted labels of the train split
     max_length: int = 128  # tokens; longer texts are truncated
-    max_train_samples: int | None = None  # a random subset (fixed by the seed), for quick runs and benchmarks
-    max_eval_samples: int | None = None
-    quoting: Literal["auto", "minimal", "none"] = "auto"  # csv quoting; auto: none for .tsv, minimal for .csv
     group_by_length: bool = False  # batch texts of similar length together: less padding, faster epochs
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        super().__post_init__()
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
 
 
 def load_raw_splits(cfg: TextDataConfig, seed: int) -> dict[str, Any]:
-    """Load the raw train and eval splits as `datasets.Dataset`s: {"train": ..., "eval": ...}."""
+    """Load the raw train and eval splits as `datasets.Dataset`s: {"train": ..., "eval": ...}.
+
+    Without an eval source, `cfg.eval_fraction` of the train rows is held out at random; then the
+    `max_*_samples` limits apply.
+    """
+    splits = load_splits(cfg)
+    if splits["eval"] is None:
+        splits["train"], splits["eval"] = hold_out(splits["train"], cfg.eval_fraction, seed)
+    return subsample(splits, cfg, seed)
+
+
+def load_splits(cfg: DataSourceConfig) -> dict[str, Any]:
+    """The train split and the eval split named by `cfg` (None when the source has none): {"train", "eval"}."""
     train_src = cfg.train
     eval_src = cfg.eval
     if train_src.startswith("embedded:"):
-        name = train_src.split(":", 1)[1]
-        folder = EMBEDDED_DATASETS / name
-        if not (folder / "train.csv").is_file():
-            known = sorted(p.name for p in EMBEDDED_DATASETS.iterdir() if (p / "train.csv").is_file())
-            raise DataError(f"no embedded dataset {name!r}; embedded datasets: {', '.join(known)}")
-        train_src = str(folder / "train.csv")
-        eval_src = eval_src or str(folder / "test.csv")
+        train_src, eval_src = _embedded_files(train_src.split(":", 1)[1], eval_src)
 
     check_local(train_src, "data.train")
     if eval_src is not None:
@@ -77,19 +94,46 @@ def load_raw_splits(cfg: TextDataConfig, seed: int) -> dict[str, Any]:
             raise DataError(f"eval file {eval_src!r} not found; set data.eval to an existing file or leave it empty "
                             "to hold out data.eval_fraction of train")
         else:
-            train, evals = hold_out(train, cfg.eval_fraction, seed)
+            evals = None
     else:
-        train, evals = load_hub_splits(train_src, eval_src, hub_config=cfg.hub_config, train_split=cfg.train_split,
-                                       eval_fraction=cfg.eval_fraction, seed=seed)
+        train, evals = load_hub_splits(train_src, eval_src, hub_config=cfg.hub_config,
+                                       train_split=cfg.train_split)
 
-    splits = {"train": train, "eval": evals}
-    for name, ds in splits.items():
-        if len(ds) == 0:
+    for name, ds in (("train", train), ("eval", evals)):
+        if ds is not None and len(ds) == 0:
             raise DataError(f"the {name} split of {cfg.train!r} is empty; point data.{name} at a file with rows")
-        limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
-        if limit is not None and limit < len(ds):
-            splits[name] = ds.shuffle(seed=seed).select(range(limit))
-    return splits
+    return {"train": train, "eval": evals}
+
+
+def subsample(splits: dict[str, Any], cfg: DataSourceConfig, seed: int) -> dict[str, Any]:
+    """Apply `max_train_samples` / `max_eval_samples`: a random subset of each split, fixed by the seed."""
+    out = dict(splits)
+    for name, limit in (("train", cfg.max_train_samples), ("eval", cfg.max_eval_samples)):
+        if limit is not None and limit < len(out[name]):
+            out[name] = out[name].shuffle(seed=seed).select(range(limit))
+    return out
+
+
+def require_columns(splits: dict[str, Any], columns: dict[str, str]) -> None:
+    """Each split must have every column of `columns` (column name -> the config key that names it)."""
+    for name, ds in splits.items():
+        for column, key in columns.items():
+            if ds is not None and column not in ds.column_names:
+                raise DataError(f"column {column!r} not found in the {name} split "
+                                f"(columns: {', '.join(ds.column_names)}); set {key}")
+
+
+def _embedded_files(name: str, eval_src: str | None) -> tuple[str, str | None]:
+    """The train (and, unless `eval_src` is set, test) file of the dataset that ships as `datasets/NAME/`."""
+    def split_file(folder: Path, split: str) -> Path | None:
+        return next((p for p in sorted(folder.glob(f"{split}.*")) if p.suffix in _BUILDERS), None)
+
+    train = split_file(EMBEDDED_DATASETS / name, "train")
+    if train is None:
+        known = sorted(p.name for p in EMBEDDED_DATASETS.iterdir() if split_file(p, "train"))
+        raise DataError(f"no embedded dataset {name!r}; embedded datasets: {', '.join(known)}")
+    test = split_file(EMBEDDED_DATASETS / name, "test")
+    return str(train), eval_src or (str(test) if test else None)
 
 
 def check_local(source: str, key: str) -> None:
@@ -100,7 +144,7 @@ def check_local(source: str, key: str) -> None:
 
 
 def load_table(path: str, quoting: str = "auto") -> Any:
-    """A local csv/tsv/json/jsonl/parquet file (or a folder of them) as one `datasets.Dataset`."""
+    """A local csv/tsv/txt/json/jsonl/parquet file (or a folder of them) as one `datasets.Dataset`."""
     import datasets
 
     p = Path(path)
@@ -115,15 +159,19 @@ def load_table(path: str, quoting: str = "auto") -> Any:
         data_files = [str(p)]
     if suffix not in _BUILDERS:
         raise DataError(f"cannot read {path!r}: unknown extension {suffix!r}; use one of {', '.join(_BUILDERS)}")
+    builder = _BUILDERS[suffix]
     if p.is_file() and p.stat().st_size == 0:
-        raise DataError(f"{path!r} is empty; it needs a header row and at least one data row")
+        what = "some text" if builder == "text" else "a header row and at least one data row"
+        raise DataError(f"{path!r} is empty; it needs {what}")
     kwargs: dict[str, Any] = {}
-    if _BUILDERS[suffix] == "csv":
+    if builder == "text":  # one row per file, line breaks kept: a text file is one document
+        kwargs["sample_by"] = "document"
+    if builder == "csv":
         kwargs["delimiter"] = "\t" if suffix == ".tsv" else ","
         no_quoting = quoting == "none" or (quoting == "auto" and suffix == ".tsv")
         kwargs["quoting"] = csv.QUOTE_NONE if no_quoting else csv.QUOTE_MINIMAL
     try:
-        return datasets.load_dataset(_BUILDERS[suffix], data_files=data_files, split="train", **kwargs)
+        return datasets.load_dataset(builder, data_files=data_files, split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
         cause = err.__cause__ or err
         if "corresponds to no data" in str(cause):  # a header row and nothing else
@@ -132,9 +180,9 @@ def load_table(path: str, quoting: str = "auto") -> Any:
                         "check the file's format") from None
 
 
-def load_hub_splits(dataset_id: str, eval_split: str | None, *, hub_config: str | None, train_split: str,
-                    eval_fraction: float, seed: int) -> tuple[Any, Any]:
-    """Train and eval splits of a hub dataset: `eval_split`, else its validation or test split, else held out."""
+def load_hub_splits(dataset_id: str, eval_split: str | None, *, hub_config: str | None,
+                    train_split: str) -> tuple[Any, Any]:
+    """Train and eval splits of a hub dataset: `eval_split`, else its validation or test split, else None."""
     import datasets
 
     try:
@@ -149,14 +197,14 @@ def load_hub_splits(dataset_id: str, eval_split: str | None, *, hub_config: str 
     if eval_split is None:
         eval_split = next((s for s in ("validation", "test") if s in dsd), None)
     if eval_split is None:
-        return hold_out(train, eval_fraction, seed)
+        return train, None
     if eval_split not in dsd:
         raise DataError(f"{dataset_id!r} has no split {eval_split!r} (splits: {', '.join(dsd)}); set data.eval")
     return train, dsd[eval_split]
 
 
 def hold_out(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """A seeded random `fraction` of a `datasets.Dataset` as eval; the rest as train."""
+    """Split rows at random (fixed by the seed) into (train, eval), `fraction` of them in eval."""
     if len(ds) < 2:
         raise DataError(f"cannot hold out an eval split from {len(ds)} row(s); add rows or set data.eval")
     parts = ds.train_test_split(test_size=fraction, seed=seed)
@@ -170,13 +218,9 @@ def encode_labels(splits: dict[str, Any], cfg: TextDataConfig, *, regression: bo
     String labels map to ids in `cfg.label_names` order (default: sorted train labels); integer labels must lie
     in [0, num_labels). `num_labels`, when given, must match the number of labels found.
     """
-    for name, ds in splits.items():
-        for column in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
-            if column is not None and column not in ds.column_names:
-                key = {cfg.text_column: "data.text_column", cfg.label_column: "data.label_column"}.get(
-                    column, "data.text_pair_column")
-                raise DataError(f"column {column!r} not found in the {name} split "
-                                f"(columns: {', '.join(ds.column_names)}); set {key}")
+    columns = {cfg.text_column: "data.text_column", cfg.text_pair_column: "data.text_pair_column",
+               cfg.label_column: "data.label_column"}
+    require_columns(splits, {column: key for column, key in columns.items() if column is not None})
     if regression:
         def to_float(batch: dict[str, list]) -> dict[str, list]:
             try:
@@ -303,23 +347,24 @@ class EpochSampler(Sampler[int]):
         return iter([i for chunk in chunks for i in chunk])
 
 
-def build_dataloaders(tokenized: dict[str, Any], tokenizer: Any, cfg: TextDataConfig, *, batch_size: int,
-                      eval_batch_size: int, seed: int, num_processes: int) -> tuple[Any, Any]:
-    """Train loader (deterministic shuffle, optional length grouping) and eval loader (length-sorted, no shuffle)."""
-    from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
+def build_dataloaders(tokenized: dict[str, Any], collate_fn: Callable[[list[dict]], dict[str, Any]], *,
+                      batch_size: int, eval_batch_size: int, seed: int, num_processes: int,
+                      group_by_length: bool = False) -> tuple[Any, Any]:
+    """Train loader (deterministic shuffle, optional length grouping) and eval loader (length-sorted, no shuffle).
 
-    collator = DataCollatorWithPadding(tokenizer)
+    Each split needs a `length` column (tokens per example); `collate_fn` pads a list of examples into a batch.
+    """
+    from torch.utils.data import DataLoader
+
     train = tokenized["train"]
-    sampler = EpochSampler(len(train), seed=seed, lengths=list(train["length"]) if cfg.group_by_length else None,
+    sampler = EpochSampler(len(train), seed=seed, lengths=list(train["length"]) if group_by_length else None,
                            global_batch_size=batch_size * num_processes)
     train_loader = DataLoader(train.remove_columns("length"), batch_size=batch_size, sampler=sampler,
-                              collate_fn=collator, generator=torch.Generator().manual_seed(seed))
+                              collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
     evals = tokenized["eval"]
     # Sorting eval by length keeps padding (and time) low; metrics do not depend on order.
     eval_lengths = list(evals["length"])
     eval_order = sorted(range(len(eval_lengths)), key=eval_lengths.__getitem__)
     eval_loader = DataLoader(evals.select(eval_order).remove_columns("length"), batch_size=eval_batch_size,
-                             shuffle=False, collate_fn=collator)
+                             shuffle=False, collate_fn=collate_fn)
     return train_loader, eval_loader
-

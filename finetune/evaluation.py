@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -45,3 +46,29 @@ def score_regressor(predictions: np.ndarray, labels: np.ndarray) -> dict[str, An
     preds = predictions.reshape(-1).astype(np.float64)
     metrics = load_metric("regression").compute(predictions=preds, references=labels.astype(np.float64))
     return {"eval_loss": metrics["mse"], "num_examples": len(labels), **metrics}
+
+
+@torch.no_grad()
+def score_causal_lm(accelerator: Any, model: torch.nn.Module, loader: Any) -> dict[str, Any]:
+    """eval_loss (mean cross-entropy per target token over the whole split), perplexity = exp(eval_loss), num_tokens.
+
+    Token losses are summed per example and gathered with their token counts, so the mean weighs every token once,
+    whatever the batch sizes, padding or number of processes (examples repeated to fill the last batches are dropped).
+    """
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    num_tokens = 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        # Position t predicts token t+1: (batch, T-1, vocab) against (batch, T-1); -100 (prompt, padding) skipped.
+        targets = batch["labels"][:, 1:]
+        token_losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        example_sums = token_losses.view(targets.shape).sum(dim=1)
+        example_counts = (targets != -100).sum(dim=1)
+        sums, counts = accelerator.gather_for_metrics((example_sums, example_counts))
+        loss_sum += sums.double().sum().cpu()
+        num_tokens += int(counts.sum())
+    model.train()
+    loss = float(loss_sum / max(1, num_tokens))
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "num_tokens": num_tokens}

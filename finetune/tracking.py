@@ -97,6 +97,8 @@ def setup_logging(run_dir: str | Path, *, is_main_process: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level,
                         handlers=handlers, force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the run's own
+    # Tied weights (an LM head sharing the embedding) warn at every checkpoint; saving them once is intended.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     if is_main_process:
         transformers.utils.logging.set_verbosity_warning()
     else:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from transformers import DataCollatorWithPadding
+
 from finetune.checkpoint import CheckpointConfig, CheckpointManager, EarlyStoppingConfig, TrainState, read_train_state
 from finetune.config import config_to_dict, parse_config
 from finetune.data import TextDataConfig, build_dataloaders, encode_labels, load_raw_splits, tokenize_splits
@@ -49,8 +51,9 @@ def main(cfg: Config) -> dict[str, Any]:
         labelled, label_names = encode_labels(raw, cfg.data, regression=regression, num_labels=cfg.model.num_labels)
         tokenized = tokenize_splits(labelled, tokenizer, cfg.data)
     train_loader, eval_loader = build_dataloaders(
-        tokenized, tokenizer, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-        seed=cfg.train.seed, num_processes=accelerator.num_processes)
+        tokenized, DataCollatorWithPadding(tokenizer), batch_size=cfg.train.batch_size,
+        eval_batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed, num_processes=accelerator.num_processes,
+        group_by_length=cfg.data.group_by_length)
 
     # 3. Model and optimizer, wrapped for the hardware; the schedule's length depends on the per-process loader.
     model = build_sequence_classifier(cfg.model, label_names=label_names,

