@@ -85,7 +85,7 @@ def export_run(run: Run, out: str | Path, *, config: ExportConfig | None = None,
     model = load_model(run)
     picked = load_samples(run, limit=config.parity.num_samples, given=samples)
     session = session_settings(config.skip_fusions)
-    with _staged(out) as stage:
+    with staged(out) as stage:
         task = prepare_task(run, model, stage, picked, config.parity)
         data = new_manifest(run.task, source_run=task.source_run, **task.sections)
         fp32 = task.export(stage, "fp32", opset=config.opset)
@@ -227,7 +227,7 @@ def _finish(stage: Path, data: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _staged(out: Path) -> Iterator[Path]:
+def staged(out: Path) -> Iterator[Path]:
     """A temp folder next to `out` that replaces `out` only if the block finishes; removed on any error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
