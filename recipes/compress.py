@@ -17,12 +17,17 @@ and `out` receives the bundle with report.md, report.json and tradeoff.png. Noth
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-from compress.manifest import Manifest
-from compress.pipeline import CompressConfig, run_pipeline
-from finetune.config import parse_config
-from finetune.errors import exit_on_user_error
+# This script shares its name with the `compress` package, and Python puts a script's own folder first on the import
+# path: without this line `import compress` would import this file.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from compress.manifest import Manifest  # noqa: E402
+from compress.pipeline import CompressConfig, run_pipeline  # noqa: E402
+from finetune.config import parse_config  # noqa: E402
+from finetune.errors import exit_on_user_error  # noqa: E402
 
 Config = CompressConfig  # run_dir, out, stages, data overrides, gate, latency, default_variant, report
 
