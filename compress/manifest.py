@@ -56,7 +56,8 @@ A variant entry:
                      quantized, "weight_type", "activation_type", "per_channel", "reduce_range", "exclude_op_types",
                      "calibration": null | {"method": "minmax"|"entropy"|"percentile", "samples", "source", ...},
                      "quantized_ops": {role: {op: count}}, "requested": the settings asked for, "library",
-                     "ladder": [every attempt: rung, settings, metric, relative drop, verdict, reason]}
+                     "ladder": [every attempt: rung, settings, metric, relative drop, verdict, reason],
+                     "skipped_rungs": [rungs that would have made the same graph as an earlier attempt]}
     pruning          null, or the pruning settings
     derived          null, or how this variant's model was made from the source run by a run-to-run stage (prune,
                      distill): {"stage", "run", "settings"}

@@ -268,7 +268,7 @@ def quantize_stage(p: Pipeline, cfg: QuantizeConfig) -> None:
     name = lineage.name(cfg.name)
     if outcome.files is None:
         p.rejected[name] = {"stage": "quantize", "reason": outcome.reason, "attempts": outcome.quantization["ladder"],
-                            "derived": lineage.derived}
+                            "skipped_rungs": outcome.quantization["skipped_rungs"], "derived": lineage.derived}
         return
     parent = lineage.variants[outcome.quantization["source"]]
     add_variant(p.bundle, name, outcome.files, parent=parent, parity=outcome.parity, metrics=outcome.metrics,

@@ -47,6 +47,8 @@ QUANTIZED_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QAtte
 # one QLinearConv to the next), not ORT's default of every op it can (Add, Mul, Softmax, Reshape...): on MiniLM SST-2
 # that default lost 7.6 points and ran slower; MatMul/Gemm only lost 1.8.
 STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool")
+# What dynamic int8 quantizes by default (onnxruntime's IntegerOps registry; Gemm is split into MatMul + Add first).
+DYNAMIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "Attention", "LSTM", "Gather", "Transpose", "EmbedLayerNormalization")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 CALIBRATION_CHUNK = 16  # examples per calibration pass (activations of a pass are held in memory)
 
@@ -143,9 +145,18 @@ def quantize_gated(task: TaskExport, sources: dict[str, dict[str, Path]], refere
     sanity = gate.int8_parity(task.parity)
     references = {role: _Reference(path) for role, path in sources["fp32"].items()}
     calibration: tuple[list[Feeds], str] | None = None
+    # Activation ranges depend on the graph and the calibration data only, not on the rung: measured once per role.
+    ranges = {role: workdir / f".ranges-{config.name}-{role}.json" for role in sources["fp32"]}
     attempts: list[dict[str, Any]] = []
-    for number, (rung, settings) in enumerate(ladder(config), start=1):
+    tried: dict[tuple, int] = {}  # what each attempt actually changes in the graph -> its number
+    skipped: list[dict[str, Any]] = []
+    for rung, settings in ladder(config):
         source = _pick_source(settings.method, config.source, sources)
+        key = _effect(settings, source, sources[source]["model"], config.op_types)
+        if key in tried:  # e.g. fp32 kept for op types this method does not quantize anyway
+            skipped.append({"rung": rung, "reason": f"the same graph as attempt {tried[key]}"})
+            continue
+        number = tried[key] = len(attempts) + 1
         if settings.method == "static" and calibration is None:
             calibration = task.calibration_inputs(config.calibration_samples)
         files = {role: workdir / f"{config.name}.try{number}{'.decoder' if role == 'decoder' else ''}.onnx"
@@ -153,7 +164,7 @@ def quantize_gated(task: TaskExport, sources: dict[str, dict[str, Path]], refere
         start = time.perf_counter()
         ops = {role: quantize_graph(sources[source][role], path, settings, calibration=calibration,
                                     calibration_method=config.calibration_method, percentile=config.percentile,
-                                    op_types=config.op_types)
+                                    op_types=config.op_types, ranges=ranges[role])
                for role, path in files.items()}
         attempt = {"attempt": number, "rung": rung, "source": source, **asdict(settings),
                    "exclude_op_types": list(settings.exclude_op_types), "quantized_ops": ops}
@@ -178,20 +189,26 @@ def quantize_gated(task: TaskExport, sources: dict[str, dict[str, Path]], refere
                     verdict["value"], -100 * verdict["relative_drop"], "passed" if verdict["passed"] else "failed")
         if verdict["passed"]:
             record = _record(settings, source, config, ops, calibration if settings.method == "static" else None,
-                             attempts)
+                             attempts, skipped)
+            _remove(ranges)
             return Outcome(config.name, files, record, {**parity, "reference": "fp32"}, metrics, verdict)
         _remove(files)
+    _remove(ranges)
     requested = ladder(config)[0][1]
-    record = _record(requested, _pick_source(requested.method, config.source, sources), config, {}, None, attempts)
+    record = _record(requested, _pick_source(requested.method, config.source, sources), config, {}, None, attempts,
+                     skipped)
     reason = (f"all {len(attempts)} attempt(s) failed their gates; the last: {attempts[-1]['reason']}")
     logger.warning("%s dropped: %s", config.name, reason)
     return Outcome(config.name, None, record, reason=reason)
 
 
 def quantize_graph(src: Path, dst: Path, settings: Settings, *, calibration: tuple[list[Feeds], str] | None = None,
-                   calibration_method: str = "minmax", percentile: float = 99.999,
-                   op_types: list[str] | None = None) -> dict[str, int]:
-    """Write the int8 graph of `src` to `dst` with `settings`; return the quantized operators it holds ({op: n})."""
+                   calibration_method: str = "minmax", percentile: float = 99.999, op_types: list[str] | None = None,
+                   ranges: Path | None = None) -> dict[str, int]:
+    """Write the int8 graph of `src` to `dst` with `settings`; return the quantized operators it holds ({op: n}).
+
+    Static: the activation ranges are measured on `calibration` into the file `ranges` (reused when it exists: the
+    same graph and data give the same ranges, whatever the per-channel / exclusion settings)."""
     onnx = require("onnx")
     require("onnxruntime")
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -219,13 +236,15 @@ def quantize_graph(src: Path, dst: Path, settings: Settings, *, calibration: tup
         else:
             if calibration is None:
                 raise ValueError("static quantization needs calibration inputs")
-            cache = dst.with_name(f".ranges-{dst.stem}.json")
-            calibrate(staged, calibration[0], cache, method=calibration_method, percentile=percentile,
-                      op_types=op_types)
+            cache = ranges or dst.with_name(f".ranges-{dst.stem}.json")
+            if not cache.is_file():
+                calibrate(staged, calibration[0], cache, method=calibration_method, percentile=percentile,
+                          op_types=op_types)
             quantize_static(str(staged), str(dst), None, quant_format=QuantFormat.QDQ, calibration_cache_path=cache,
                             activation_type=QuantType.QUInt8, calibrate_method=_calibration_method(calibration_method),
                             **common)
-            cache.unlink()
+            if ranges is None:
+                cache.unlink()
     staged.unlink()
     return quantized_ops(dst)
 
@@ -318,8 +337,20 @@ def _pick_source(method: str, wanted: str, sources: dict[str, dict[str, Path]]) 
     return wanted
 
 
+def _effect(settings: Settings, source: str, graph: Path, op_types: list[str] | None) -> tuple:
+    """What an attempt's settings change in the quantized graph: exclusions count only for op types that the graph
+    holds and the method would quantize."""
+    from compress.optimize import op_counts
+
+    quantizable = set(op_types or (STATIC_OP_TYPES if settings.method == "static" else DYNAMIC_OP_TYPES))
+    present = set(op_counts(graph))
+    excluded = frozenset(t for t in settings.exclude_op_types if t in quantizable and t in present)
+    return settings.method, settings.per_channel, settings.reduce_range, excluded, source
+
+
 def _record(settings: Settings, source: str, config: QuantizeConfig, ops: dict[str, dict[str, int]],
-            calibration: tuple[list[Feeds], str] | None, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+            calibration: tuple[list[Feeds], str] | None, attempts: list[dict[str, Any]],
+            skipped: list[dict[str, Any]]) -> dict[str, Any]:
     from importlib import metadata
 
     static = settings.method == "static"
@@ -335,7 +366,8 @@ def _record(settings: Settings, source: str, config: QuantizeConfig, ops: dict[s
             "quantized_ops": ops, "requested": {"method": config.method, "per_channel": config.per_channel,
                                                 "reduce_range": config.reduce_range,
                                                 "exclude_op_types": list(config.exclude_op_types)},
-            "library": f"onnxruntime.quantization {metadata.version('onnxruntime')}", "ladder": attempts}
+            "library": f"onnxruntime.quantization {metadata.version('onnxruntime')}", "ladder": attempts,
+            "skipped_rungs": skipped}
 
 
 def _name_nodes_and_select(model: Any, op_types: tuple[str, ...]) -> list[str]:
