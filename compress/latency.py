@@ -63,7 +63,7 @@ def ort_runner(path: str | Path, *, threads: int, session: dict[str, Any] | None
     ort = require("onnxruntime")
     options, kwargs = session_options(threads, session)
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], **kwargs)
-    return _bind_session(sess)
+    return bind_session(sess)
 
 
 def default_ort_runner(path: str | Path, *, threads: int) -> Runner:
@@ -73,7 +73,7 @@ def default_ort_runner(path: str | Path, *, threads: int) -> Runner:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return _bind_session(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+    return bind_session(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
 
 
 def torch_runner(model: Any, input_names: list[str]) -> Runner:
@@ -125,7 +125,8 @@ def measure(runners: dict[str, Runner], inputs: dict[int, Feeds], config: Latenc
     return out
 
 
-def _bind_session(session: Any) -> Runner:
+def bind_session(session: Any) -> Runner:
+    """Calls of an open ONNX Runtime session (the graph's own inputs picked from the feeds)."""
     wanted = {i.name for i in session.get_inputs()}
 
     def bind(feeds: Feeds) -> Callable[[], Any]:
