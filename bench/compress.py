@@ -115,7 +115,7 @@ def text_task(run: Path, folder: Path, data_overrides: dict):
     return prepare_task(source, load_model(source), folder, load_samples(source, limit=16), ParityConfig())
 
 
-def ablation_graphs(bundle: Path, by_hand_int8: Path, folder: Path) -> list[dict]:
+def ablation_graphs(bundle: Path, by_hand_int8: Path, folder: Path, fusion_args: dict) -> list[dict]:
     """int8 graphs that isolate one step each; (name, graph, session settings or None for ORT defaults)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -135,8 +135,7 @@ def ablation_graphs(bundle: Path, by_hand_int8: Path, folder: Path) -> list[dict
     rows.append({"name": "D fused graph (QAttention), per-tensor", "graph": folder / "d.onnx", "session": ours})
     quantize_graph(optimized, folder / "e.onnx", per_channel)
     rows.append({"name": "E fused graph, per-channel", "graph": folder / "e.onnx", "session": ours})
-    optimize_graph(fp32, folder / "all_fusions.onnx", model_type="bert", num_heads=12, hidden_size=384,
-                   skip_fusions=())
+    optimize_graph(fp32, folder / "all_fusions.onnx", skip_fusions=(), **fusion_args)
     quantize_graph(folder / "all_fusions.onnx", folder / "f.onnx", per_tensor)
     rows.append({"name": "F fused with ORT's default fusions (+SkipLN, BiasGelu)", "graph": folder / "f.onnx",
                  "session": None})
@@ -242,7 +241,7 @@ def run_text(args: argparse.Namespace, work: Path) -> dict:
         result["head_to_head"] = [{"name": n, "accuracy": accuracy[n], "size_bytes": sizes[n], **timed[n]}
                                   for n in runners]
 
-        ablation = ablation_graphs(bundle, int8_by_hand, folder)
+        ablation = ablation_graphs(bundle, int8_by_hand, folder, task.fusion_args)
         runners = {row["name"]: (default_ort_runner(row["graph"], threads=1) if row["session"] is None else
                                  ort_runner(row["graph"], threads=1, session=row["session"])) for row in ablation}
         timed = measure(runners, inputs, timing)
@@ -256,22 +255,31 @@ def run_text(args: argparse.Namespace, work: Path) -> dict:
 
 
 def text_targets(result: dict, manifest) -> dict:
-    """The issue's targets, from the head-to-head measurement."""
+    """The issue's targets from the head-to-head measurement, for the best int8 variant: the fastest at batch 1 of
+    those within the accuracy and size targets (else the fastest)."""
     rows = {r["name"]: r for r in result["head_to_head"]}
     torch_fp32, hand = rows["torch fp32 eager"], rows["by-hand int8 (quantize_dynamic defaults)"]
-    int8 = [name for name, v in manifest.variants.items() if v["quantization"]]
-    best = min(int8, key=lambda n: rows[f"bundle {n}"]["batch_1"]["p50_ms"])
-    mine = rows[f"bundle {best}"]
-    speedup = hand["batch_1"]["p50_ms"] / mine["batch_1"]["p50_ms"]
-    drop = 100 * (torch_fp32["accuracy"] - mine["accuracy"])
-    size_ratio = mine["size_bytes"] / manifest.variants["fp32"]["size_bytes"]
-    return {"best_int8": best, "speedup_vs_by_hand_batch_1": round(speedup, 3),
-            "speedup_vs_by_hand_batch_8": round(hand["batch_8"]["p50_ms"] / mine["batch_8"]["p50_ms"], 3),
-            "by_hand_speedup_vs_torch_fp32_batch_1": round(torch_fp32["batch_1"]["p50_ms"] / hand["batch_1"]["p50_ms"],
-                                                           3),
-            "accuracy_drop_points": round(drop, 3), "size_ratio": round(size_ratio, 4),
-            "met": {"speedup": speedup >= TARGETS["speedup_vs_by_hand_batch_1"],
-                    "accuracy": drop <= TARGETS["accuracy_drop_points"], "size": size_ratio <= TARGETS["size_ratio"]}}
+    fp32_size = manifest.variants["fp32"]["size_bytes"]
+
+    def figures(name: str) -> dict:
+        mine = rows[f"bundle {name}"]
+        figure = {"variant": name,
+                  "speedup_vs_by_hand_batch_1": hand["batch_1"]["p50_ms"] / mine["batch_1"]["p50_ms"],
+                  "speedup_vs_by_hand_batch_8": hand["batch_8"]["p50_ms"] / mine["batch_8"]["p50_ms"],
+                  "cpu_speedup_vs_by_hand_batch_1": hand["batch_1"]["cpu_p50_ms"] / mine["batch_1"]["cpu_p50_ms"],
+                  "cpu_speedup_vs_by_hand_batch_8": hand["batch_8"]["cpu_p50_ms"] / mine["batch_8"]["cpu_p50_ms"],
+                  "accuracy_drop_points": 100 * (torch_fp32["accuracy"] - mine["accuracy"]),
+                  "size_ratio": mine["size_bytes"] / fp32_size}
+        figure["met"] = {"speedup": figure["speedup_vs_by_hand_batch_1"] >= TARGETS["speedup_vs_by_hand_batch_1"],
+                         "accuracy": figure["accuracy_drop_points"] <= TARGETS["accuracy_drop_points"],
+                         "size": figure["size_ratio"] <= TARGETS["size_ratio"]}
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in figure.items()}
+
+    every = [figures(name) for name, v in manifest.variants.items() if v["quantization"]]
+    within = [f for f in every if f["met"]["accuracy"] and f["met"]["size"]] or every
+    best = max(within, key=lambda f: f["speedup_vs_by_hand_batch_1"])
+    return {**best, "by_hand_speedup_vs_torch_fp32_batch_1": round(
+        torch_fp32["batch_1"]["p50_ms"] / hand["batch_1"]["p50_ms"], 3), "all_int8": every}
 
 
 def run_image(args: argparse.Namespace, work: Path) -> dict:
@@ -303,13 +311,15 @@ def print_report(title: str, report: dict) -> None:
 
 def print_timed(title: str, rows: list[dict], reference: str) -> None:
     ref = next(r for r in rows if r["name"] == reference)
-    print(f"\n{title}  (speedup against {reference})")
-    print(f"{'':<56} {'acc %':>6} {'MB':>6} {'b1 p50':>7} {'b8 p50':>7} {'x b1':>6} {'x b8':>6}")
+    print(f"\n{title}  (ms; x: speedup against {reference}; cpu: thread CPU time)")
+    print(f"{'':<56} {'acc %':>6} {'MB':>6} {'b1 p50':>7} {'b1 cpu':>7} {'b8 p50':>7} {'b8 cpu':>7} {'x b1':>6} "
+          f"{'x b8':>6} {'x cpu b1':>8}")
     for r in rows:
-        print(f"{r['name']:<56} {100 * r['accuracy']:>6.2f} {r['size_bytes'] / 1e6:>6.1f} "
-              f"{r['batch_1']['p50_ms']:>7.2f} {r['batch_8']['p50_ms']:>7.2f} "
-              f"{ref['batch_1']['p50_ms'] / r['batch_1']['p50_ms']:>6.2f} "
-              f"{ref['batch_8']['p50_ms'] / r['batch_8']['p50_ms']:>6.2f}")
+        b1, b8 = r["batch_1"], r["batch_8"]
+        print(f"{r['name']:<56} {100 * r['accuracy']:>6.2f} {r['size_bytes'] / 1e6:>6.1f} {b1['p50_ms']:>7.2f} "
+              f"{b1['cpu_p50_ms']:>7.2f} {b8['p50_ms']:>7.2f} {b8['cpu_p50_ms']:>7.2f} "
+              f"{ref['batch_1']['p50_ms'] / b1['p50_ms']:>6.2f} {ref['batch_8']['p50_ms'] / b8['p50_ms']:>6.2f} "
+              f"{ref['batch_1']['cpu_p50_ms'] / b1['cpu_p50_ms']:>8.2f}")
 
 
 def main() -> None:
@@ -353,10 +363,11 @@ def main() -> None:
         print(f"  {k['fused']:<36} {k['fused_p50_us']:>8.1f}   {k['standard']:<32} {k['standard_p50_us']:>8.1f}"
               f"   fused/standard {k['fused_over_standard']:.2f}")
     t = text["targets"]
-    print(f"\nTargets ({t['best_int8']}): {t['speedup_vs_by_hand_batch_1']:.2f}x the by-hand path at batch 1 "
-          f"(>= 1.2: {t['met']['speedup']}), accuracy drop {t['accuracy_drop_points']:.2f} point (<= 0.5: "
-          f"{t['met']['accuracy']}), size {t['size_ratio']:.3f}x fp32 (<= 0.27: {t['met']['size']}); by-hand vs "
-          f"PyTorch fp32 at batch 1: {t['by_hand_speedup_vs_torch_fp32_batch_1']:.2f}x")
+    print(f"\nTargets ({t['variant']}): {t['speedup_vs_by_hand_batch_1']:.2f}x the by-hand path at batch 1 "
+          f"(CPU time: {t['cpu_speedup_vs_by_hand_batch_1']:.2f}x; >= 1.2: {t['met']['speedup']}), accuracy drop "
+          f"{t['accuracy_drop_points']:.2f} point (<= 0.5: {t['met']['accuracy']}), size {t['size_ratio']:.3f}x fp32 "
+          f"(<= 0.27: {t['met']['size']}); by-hand vs PyTorch fp32 at batch 1: "
+          f"{t['by_hand_speedup_vs_torch_fp32_batch_1']:.2f}x")
     if "image" in result:
         print_report("MNIST CNN: compress pipeline (eval: 10,000 test images)", result["image"]["report"])
     print(f"\nwrote {out} ({result['wall_seconds']:.0f} s)")

@@ -5,7 +5,10 @@ How it is measured: each variant and batch size runs `warmup` untimed calls, the
 alike; only the call itself is timed (time.perf_counter; inputs are built before). ONNX Runtime sessions get
 intra_op_num_threads = threads, one inter-op thread, sequential execution and the variant's recorded session settings
 (compress.optimize.session_settings); PyTorch runs with torch.set_num_threads(threads) under inference_mode.
-On a busy machine the absolute times are inflated: compare variants measured together, by their ratios.
+
+On a busy machine wall times are inflated by every slice the scheduler gives to other processes. With one thread the
+calling thread does all the work, so its CPU time per call (time.thread_time, `cpu_p50_ms`) is also recorded: it
+leaves out the waiting, not the cache misses that other processes cause. Compare variants measured together.
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def torch_runner(model: Any, input_names: list[str]) -> Runner:
 
 
 def measure(runners: dict[str, Runner], inputs: dict[int, Feeds], config: LatencyConfig) -> dict[str, dict[str, Any]]:
-    """{variant: {"batch_<n>": {"p50_ms", "p95_ms", "mean_ms", "min_ms", "runs"}}} for every batch size in `inputs`."""
+    """{variant: {"batch_<n>": {"p50_ms", "p95_ms", "mean_ms", "min_ms", "cpu_p50_ms", "runs"}}} for every batch
+    size in `inputs` (cpu_p50_ms: the calling thread's CPU time, None with more than one thread)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -104,14 +108,16 @@ def measure(runners: dict[str, Runner], inputs: dict[int, Feeds], config: Latenc
             for _ in range(config.warmup):
                 call()
         times: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+        cpu: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
         per_round = [config.runs // config.rounds + (1 if r < config.runs % config.rounds else 0)
                      for r in range(config.rounds)]
         load_before = os.getloadavg()[0]
         for count in per_round:
             for key, call in calls.items():
                 for _ in range(count):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.thread_time()
                     call()
+                    cpu[key].append(time.thread_time() - start_cpu)
                     times[key].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
@@ -120,8 +126,10 @@ def measure(runners: dict[str, Runner], inputs: dict[int, Feeds], config: Latenc
     out: dict[str, dict[str, Any]] = {name: {} for name in runners}
     for (name, size), values in times.items():
         ms = np.asarray(values) * 1e3
+        cpu_ms = float(np.percentile(cpu[name, size], 50) * 1e3) if config.threads == 1 else None
         out[name][f"batch_{size}"] = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-                                      "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "runs": len(values)}
+                                      "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "cpu_p50_ms": cpu_ms,
+                                      "runs": len(values)}
     return out
 
 

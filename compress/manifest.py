@@ -36,9 +36,10 @@ they do not know, so fields are added without a version bump):
     variants         {name: variant entry}
     rejected         {name: {"stage", "reason", "attempts": [...]}}: variants a gate dropped (no file written), with
                      every attempt of the quantization ladder (absent when none was dropped)
-    latency          {"settings": {threads, runs, warmup, batch_sizes, inputs}, "torch": {name: measurement}}: how the
-                     variants' `latency` was measured, and the PyTorch baselines measured alongside (absent until
-                     measured)
+    compress         how `python -m compress run` made the bundle (absent for `export`): {"config" (the resolved
+                     compress config), "metric": {"name", "higher_is_better"}, "latency": {"settings", "inputs",
+                     "timer"}, "baselines": {name: the PyTorch rows measured alongside: "runtime", "description",
+                     "metrics", "size_bytes", "latency", "derived"}}
     report           {"markdown": "report.md", "json": "report.json", "plot": "tradeoff.png"} (absent without one)
     files            {relative path: sha256 hex} for every file of the bundle except manifest.json
 
@@ -72,8 +73,8 @@ A variant entry:
                      "reference_value", "value", "relative_drop", "max_relative_drop", "passed"}
     session          the ONNX Runtime session settings the variant is meant to run with (and was measured with):
                      {"graph_optimization_level", "disabled_optimizers"}; see compress.optimize for why
-    latency          null, or {"batch_<n>": {"p50_ms", "p95_ms", "mean_ms", "min_ms", "runs"}} under the settings of
-                     the bundle-level `latency`
+    latency          null, or {"batch_<n>": {"p50_ms", "p95_ms", "mean_ms", "min_ms", "cpu_p50_ms", "runs"}} as
+                     measured by compress.latency under the settings in the bundle-level `compress`
     size_bytes       total bytes of the variant's files
     environment      {"libraries": {name: version}, "cpu": {"model", "flags": {"avx2", "avx512f", "avx512_vnni", ...}},
                      "python", "platform"} of the machine that made it

@@ -98,9 +98,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"onnxruntime {env['libraries'].get('onnxruntime')}, torch {env['libraries'].get('torch')}. Times on a busy "
         "machine are inflated; compare rows by their ratios.", "",
     ]
+    cpu = settings["threads"] == 1
     head = ["variant", "runtime", metric, "delta", "size MB"]
     for s in sizes:
-        head += [f"p50 b{s} ms", f"p95 b{s} ms"]
+        head += [f"p50 b{s} ms", f"p95 b{s} ms"] + ([f"cpu b{s} ms"] if cpu else [])
     head += [f"speedup b{s}" for s in sizes] + ["gate"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
@@ -110,6 +111,8 @@ def markdown(report: dict[str, Any]) -> str:
         for s in sizes:
             timing = (row["latency"] or {}).get(f"batch_{s}")
             cells += [f"{timing['p50_ms']:.2f}", f"{timing['p95_ms']:.2f}"] if timing else ["-", "-"]
+            if cpu:
+                cells.append(f"{timing['cpu_p50_ms']:.2f}" if timing else "-")
         cells += [f"{row['speedup'][f'batch_{s}']:.2f}x" if row["speedup"][f"batch_{s}"] else "-" for s in sizes]
         cells.append(row["verdict"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -122,6 +125,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- `delta` is the change of {metric} against the reference row"
         + (" in points (percentage points)." if percent else "."),
         "- `speedup` is the reference's p50 divided by the row's p50 at that batch size (above 1: faster).",
+        "- `cpu` (one thread only) is the p50 of the calling thread's CPU time per call: on a shared machine it leaves "
+        "out the time spent waiting for the CPU, which wall-clock p50 / p95 include.",
         "- A variant is in the bundle only if it passed its gates: parity with PyTorch for fp32 / optimized graphs; "
         "for int8, a numeric check against the fp32 graph and the task-metric gate (at most the configured relative "
         "drop of the fp32 graph's metric). `dropped` rows failed every rung of the quantization ladder; manifest.json "
