@@ -15,6 +15,7 @@ from conftest import REPO, run_recipe
 
 from compress.latency import LatencyConfig
 from compress.manifest import read_manifest, sha256_file
+from compress.metric_gate import GateConfig
 from compress.pipeline import STAGES, CompressConfig, StageKind, plan_stages, run_pipeline, transform_stage
 from finetune.config import load_config
 from finetune.errors import ConfigError
@@ -93,6 +94,26 @@ def test_report_rows_match_the_manifest(recipe_bundle: tuple[Path, str]):
         assert f"{row['latency']['batch_1']['p50_ms']:.2f}" in line and f"{row['size_bytes'] / 1e6:.1f}" in line
     assert "1 intra-op thread(s)" in markdown and "median token length" in markdown
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_image_run_through_torch_export_and_static_int8(image_data_run: Path, tmp_path: Path):
+    manifest = run_pipeline(CompressConfig(
+        run_dir=str(image_data_run), out=str(tmp_path / "bundle"), default_variant="keep",
+        gate=GateConfig(max_relative_drop=0.9),  # random weights: accuracy near chance, this checks the plumbing
+        latency=LatencyConfig(runs=4, rounds=2, warmup=1, batch_sizes=[1, 4]),
+        stages=[{"torch": {}}, {"export": {}}, {"quantize": {"name": "int8", "method": "static", "per_channel": True,
+                                                          "calibration_samples": 16}}]))
+    fp32, baselines = manifest.variants["fp32"], manifest.data["compress"]["baselines"]
+    # PyTorch and ONNX Runtime score the 17 eval images (preprocessed as serving does) to the same accuracy.
+    assert fp32["metrics"]["num_examples"] == baselines["torch-fp32"]["metrics"]["num_examples"] == 17
+    assert fp32["metrics"]["accuracy"] == baselines["torch-fp32"]["metrics"]["accuracy"]
+    assert fp32["parity"]["inputs"] == "eval split (16 of 17 images)"
+    assert baselines["torch-int8-dynamic"]["latency"]["batch_4"]["runs"] == 4
+    assert manifest.default_variant == "fp32"
+    int8 = manifest.variants["int8"]["quantization"]
+    assert int8["method"] == "static" and int8["calibration"]["source"] == "train split (16 of 48 images)"
+    assert int8["quantized_ops"]["model"]["QuantizeLinear"] > 0
+    assert manifest.variants["fp32"]["latency"]["batch_4"]["p95_ms"] > 0
 
 
 # --- the plan ------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_image_run
 
 from compress.bundle import ExportConfig, export_run
 from compress.latency import LatencyConfig, session_options
@@ -56,19 +55,6 @@ def text_exported(text_run: Path, tmp_path_factory: pytest.TempPathFactory):
     return export_run(read_run(text_run), tmp_path_factory.mktemp("q") / "bundle", config=ExportConfig(optimize=True))
 
 
-@pytest.fixture(scope="module")
-def image_run(shape_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny ResNet run with its data recorded (config.yaml), as the image recipe writes it: the 12x12 grey shapes
-    are resized to the model's 24x20 RGB by its preprocessing."""
-    run = make_image_run(tmp_path_factory.mktemp("image") / "run")
-    meta_path = run / "model" / "tuneforge.json"
-    meta = json.loads(meta_path.read_text())
-    meta["label_names"] = ["0", "1", "2"]
-    meta_path.write_text(json.dumps(meta))
-    (run / "config.yaml").write_text(f"data:\n  train: {shape_npz}\ntrain:\n  seed: 3\n")
-    return run
-
-
 # --- the graphs ----------------------------------------------------------------------------------------------------
 
 def test_dynamic_int8_of_the_export_quantizes_every_weight_matmul(text_exported, tmp_path: Path):
@@ -103,8 +89,8 @@ def test_dynamic_int8_of_the_optimized_graph_uses_fused_int8_kernels(text_export
     assert loaded["SkipLayerNormalization"] == loaded["BiasGelu"] == 0 and loaded["LayerNormalization"] == 4
 
 
-def test_static_int8_is_qdq_calibrated_with_the_requested_method(image_run: Path, tmp_path: Path):
-    exported = export_run(read_run(image_run), tmp_path / "bundle")
+def test_static_int8_is_qdq_calibrated_with_the_requested_method(image_data_run: Path, tmp_path: Path):
+    exported = export_run(read_run(image_data_run), tmp_path / "bundle")
     fp32, task = exported.manifest.graph_path("fp32"), exported.task
     calibration = task.calibration_inputs(20)
     assert len(calibration[0]) == 20 and calibration[1] == "train split (20 of 48 images)"
