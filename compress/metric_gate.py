@@ -27,10 +27,12 @@ class GateConfig:
     metric: str | None = None  # None: the task's own (accuracy; mae for regression; perplexity for causal LMs)
     max_relative_drop: float = 0.01  # 0.01: at most 1% of the reference's metric (0.87 points at 87% accuracy)
     # int8 vs the fp32 graph on the parity samples: |int8 - fp32| <= atol + rtol |fp32| everywhere, and this share
-    # of top-1 predictions equal (flips where fp32's own top two lie within that tolerance are near-ties).
+    # of all compared positions with the same top-1 (flips where fp32's own top two lie within that tolerance are
+    # near-ties). The parity cases hold few positions (8 for a classifier): 0.75 lets two flips of a genuine near-tie
+    # through and refuses a graph that has lost its way; the metric gate judges accuracy.
     int8_atol: float = 1.0
     int8_rtol: float = 0.2
-    int8_min_top1_agreement: float = 0.9
+    int8_min_top1_agreement: float = 0.75
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_relative_drop < 1.0:

@@ -49,7 +49,7 @@ def test_recipe_writes_a_verified_bundle_with_every_stage(recipe_bundle: tuple[P
     assert dynamic["parent"] == "optimized" and dynamic["quantization"]["source"] == "optimized"
     assert dynamic["quantization"]["format"] == "QOperator" and dynamic["quantization"]["calibration"] is None
     assert static["parent"] == "fp32" and static["quantization"]["format"] == "QDQ"
-    assert static["quantization"]["calibration"] == {"method": "minmax", "samples": 96,
+    assert static["quantization"]["calibration"] == {"method": "percentile", "samples": 96, "percentile": 99.999,
                                                      "source": "train split (96 of 96 rows)"}
     for variant in (dynamic, static):
         assert variant["metric_gate"]["passed"] and variant["metric_gate"]["reference"] == "fp32"

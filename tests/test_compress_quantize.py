@@ -15,6 +15,7 @@ import pytest
 from compress.bundle import ExportConfig, export_run
 from compress.latency import LatencyConfig, session_options
 from compress.metric_gate import GateConfig, metric_verdict
+from compress.parity import ParityConfig
 from compress.pipeline import CompressConfig, run_pipeline
 from compress.quantize import (
     SENSITIVE_OPS,
@@ -150,6 +151,41 @@ def test_metric_verdict_in_both_directions():
     nan = metric_verdict({"mae": float("nan")}, {"mae": 0.5}, metric="mae", higher_is_better=False,
                          max_relative_drop=0.5, reference="fp32")
     assert not nan["passed"]
+
+
+def test_int8_numeric_check_pools_top1_over_the_parity_positions(monkeypatch):
+    """A lone flip in a one-row case is one position of four, not a 0% case: pooled agreement 75%."""
+    from types import SimpleNamespace
+
+    from compress import quantize
+    from compress.errors import ParityError
+    from compress.parity import Case
+
+    fp32 = {"b1": np.array([[2.0, 0.5]]), "b3": np.array([[2.0, 0.0], [0.0, 2.0], [1.5, 0.1]])}
+    # The flip: each |diff| 0.8 is within tolerance, but fp32's gap 1.5 exceeds it (1.0 + 0.2 * 2.0): no near-tie.
+    int8 = {"b1": np.array([[1.2, 1.3]]), "b3": fp32["b3"] + 0.05}
+
+    class Session:
+        def get_inputs(self):
+            return [SimpleNamespace(name="case")]
+
+        def get_outputs(self):
+            return [SimpleNamespace(name="logits")]
+
+        def run(self, names, feeds):
+            return [int8[str(feeds["case"])]]
+
+    monkeypatch.setattr(quantize, "open_session", lambda path: Session())
+    task = SimpleNamespace(samples_source="eval split", cases={"model": [
+        Case("batch 1", {"case": np.array("b1")}), Case("batch 3", {"case": np.array("b3")})]})
+    reference = {"model": lambda feeds: {"logits": fp32[str(feeds["case"])]}}
+    gate = GateConfig()
+    record = quantize.int8_parity({"model": Path("int8.onnx")}, reference, task, gate.int8_parity(ParityConfig()),
+                                  "int8")
+    assert record["top1_agreement"] == 0.75 and record["positions"] == 4 and record["reference"] == "fp32"
+    strict = GateConfig(int8_min_top1_agreement=0.9).int8_parity(ParityConfig())
+    with pytest.raises(ParityError, match=r"top-1 agrees with the fp32 graph on 75.0% of 4 parity positions"):
+        quantize.int8_parity({"model": Path("int8.onnx")}, reference, task, strict, "int8")
 
 
 def test_the_ladder_adds_one_safer_setting_at_a_time():
