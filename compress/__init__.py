@@ -1,10 +1,14 @@
-"""Compression of tuneforge runs into bundles: ONNX export with parity gates, graph optimization (quantization,
-pruning and distillation follow).
+"""Compression of tuneforge runs into bundles: ONNX export with parity gates, graph optimization, int8 quantization
+behind numeric and task-metric gates, latency measurement and a trade-off report (pruning and distillation plug into
+the same pipeline).
 
     python -m compress export RUN_DIR --out BUNDLE [--optimize]     # see compress/__main__.py
+    python -m compress run --config recipes/configs/compress/text_default.yaml
 
 Modules: manifest (the bundle format and its reader; standard library only), bundle (export_bundle, add_variant),
-export (torch.onnx graphs), parity (the gates), optimize (ONNX Runtime fusions), tasks (per-task assets and cases),
-inputs and decoding (torch-free graph inputs and KV-cache greedy decoding), source (reading a run directory).
+export (torch.onnx graphs), parity (the parity gate), optimize (ONNX Runtime fusions), quantize (int8 and its ladder),
+metric_gate (the task-metric gate), latency (p50 / p95 timing), report (report.md / .json / tradeoff.png), pipeline
+(the stages of `compress run`), tasks (per-task assets, cases, eval data), inputs and decoding (torch-free graph
+inputs and KV-cache greedy decoding), source (reading a run directory).
 Importing this package is cheap: torch, onnx and onnxruntime load inside the functions that need them.
 """

@@ -1,7 +1,11 @@
 """Command line for compress.
 
     python -m compress export RUN_DIR --out BUNDLE [--optimize] [--opset 17] [--samples FILE] [--overwrite]
+    python -m compress run --config recipes/configs/compress/text_default.yaml [key.sub=value ...]
     python -m compress verify BUNDLE          # check the manifest and every file's sha256
+
+`run` applies a config's stages (torch baselines, export, optimize, quantize) to a run directory and writes the
+bundle with report.md / report.json / tradeoff.png; see compress/pipeline.py. `--help-config` lists its keys.
 
 `--samples FILE`: parity inputs instead of the run's eval split: a text file with one text per line, or a folder of
 images. A parity failure prints the worst outputs and exits with status 2; no bundle is written.
@@ -31,12 +35,19 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--samples", type=Path, default=None, help="text file (one per line) or image folder")
     export.add_argument("--no-evaluate", action="store_true", help="skip the eval-split metrics of each variant")
     export.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    run = commands.add_parser("run", help="apply a config's stages to a run directory: bundle + trade-off report")
+    run.add_argument("--config", type=Path, default=None, help="a YAML of recipes/configs/compress/")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    run.add_argument("--help-config", action="store_true", help="list every config key with its default")
     verify = commands.add_parser("verify", help="check a bundle's manifest and files")
     verify.add_argument("bundle", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     with exit_on_user_error():
+        if args.command == "run":
+            _run(args)
+            return
         if args.command == "verify":
             from compress.manifest import read_manifest
 
@@ -59,6 +70,20 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.write(f"{name}: {', '.join(g['file'] for g in variant['graphs'].values())}, "
                              f"{variant['size_bytes'] / 1e6:.1f} MB, max abs diff {parity['max_abs_diff']:.2g}\n")
         sys.stdout.write(f"wrote {args.out}\n")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from compress.pipeline import CompressConfig, run_pipeline
+    from finetune.config import format_config_help, load_config
+
+    if args.help_config:
+        sys.stdout.write(format_config_help(CompressConfig))
+        return
+    manifest = run_pipeline(load_config(CompressConfig, args.config, args.overrides))
+    report = manifest.path / manifest.data["report"]["markdown"] if "report" in manifest.data else None
+    if report is not None:
+        sys.stdout.write(report.read_text())
+    sys.stdout.write(f"wrote {manifest.path} (default variant: {manifest.default_variant})\n")
 
 
 def _read_samples(path: Path | None) -> list | None:

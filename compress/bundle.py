@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +29,9 @@ from compress.manifest import (
     utc_now,
     write_manifest,
 )
+from compress.optimize import DEFAULT_SKIP_FUSIONS, optimization_settings, optimize_graph, session_settings
 from compress.parity import ParityConfig, check_generation, check_graph, open_session
-from compress.source import load_model, load_samples, read_run
+from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
 
 logger = logging.getLogger(__name__)
@@ -46,55 +47,90 @@ class ExportConfig:
     optimize: bool = False  # add the "optimized" variant (ONNX Runtime fusions), itself parity-gated
     parity: ParityConfig = field(default_factory=ParityConfig)
     optimized_parity: ParityConfig | None = None  # tolerances for the optimized variant; None: same as `parity`
-    evaluate: bool = True  # record each variant's metrics on the eval split (text tasks with a readable eval split)
+    evaluate: bool = True  # record each variant's metrics on the eval split (where the run recorded its data)
+    # Fusions left out of the optimized graph and disabled at session load (compress.optimize.SLOW_FUSIONS).
+    skip_fusions: tuple[str, ...] = DEFAULT_SKIP_FUSIONS
+
+
+@dataclass
+class Exported:
+    """A bundle just written, with what made it: the task (assets, parity cases, eval-split scoring) and the fp32
+    graphs with their PyTorch references, so later stages can add variants gated the same way."""
+
+    manifest: Manifest
+    task: TaskExport
+    graphs: list[Graph]  # paths inside the bundle
 
 
 def export_bundle(run_dir: str | Path, out: str | Path, *, config: ExportConfig | None = None,
-                  samples: list[Any] | None = None, overwrite: bool = False) -> Manifest:
+                  samples: list[Any] | None = None, overwrite: bool = False,
+                  data_overrides: dict[str, Any] | None = None) -> Manifest:
     """Export a run directory to a new bundle at `out`: the fp32 graphs (and the optimized ones) that passed their
     parity gates, the tokenizer or preprocessing spec, and manifest.json. A failing gate raises; nothing is written.
 
-    `samples` (texts, (text, pair) tuples, or images/paths) replace the run's eval split as parity inputs.
+    `samples` (texts, (text, pair) tuples, or images/paths) replace the run's eval split as parity inputs;
+    `data_overrides` replace keys of the run's recorded `data` config (e.g. an eval file that moved).
     """
+    run = read_run(run_dir, data_overrides=data_overrides)
+    return export_run(run, out, config=config, samples=samples, overwrite=overwrite).manifest
+
+
+def export_run(run: Run, out: str | Path, *, config: ExportConfig | None = None, samples: list[Any] | None = None,
+               overwrite: bool = False) -> Exported:
+    """`export_bundle` for a run already read, returning the task and graphs along with the manifest."""
     config = config or ExportConfig()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BundleError(f"{out} already exists and is not empty; choose another --out or pass overwrite")
-    run = read_run(run_dir)
     model = load_model(run)
     picked = load_samples(run, limit=config.parity.num_samples, given=samples)
-    with _staged(out) as stage:
+    session = session_settings(config.skip_fusions)
+    with staged(out) as stage:
         task = prepare_task(run, model, stage, picked, config.parity)
         data = new_manifest(run.task, source_run=task.source_run, **task.sections)
         fp32 = task.export(stage, "fp32", opset=config.opset)
         parity = gate_graphs(fp32, {g.role: g.path for g in fp32}, task, config.parity, "fp32")
         _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, parent=None, parity=parity,
-                     metrics=task.evaluate(fp32[0].path) if config.evaluate else None)
+                     metrics=task.evaluate(fp32[0].path) if config.evaluate else None, session=session)
         if config.optimize:
-            from compress.optimize import optimization_settings, optimize_graph
-
-            files, optimization = {}, optimization_settings(task.fusion_args["model_type"])
-            for graph in fp32:
-                files[graph.role] = stage / f"optimized{GRAPH_SUFFIX[graph.role]}"
-                optimization["graphs"][graph.role] = optimize_graph(graph.path, files[graph.role], **task.fusion_args)
-            parity = gate_graphs(fp32, files, task, config.optimized_parity or config.parity, "optimized")
+            files, optimization, parity = optimize_variant(task, fp32, stage, "optimized",
+                                                           parity=config.optimized_parity or config.parity,
+                                                           skip_fusions=config.skip_fusions)
             _add_variant(stage, data, "optimized", files, parent="fp32", parity=parity, optimization=optimization,
-                         metrics=task.evaluate(files["model"]) if config.evaluate else None)
+                         metrics=task.evaluate(files["model"]) if config.evaluate else None, session=session)
         data["default_variant"] = "optimized" if config.optimize else "fp32"
         _finish(stage, data)
+    for graph in fp32:
+        graph.path = out / graph.path.name
     logger.info("wrote bundle %s (variants: %s)", out, ", ".join(data["variants"]))
-    return read_manifest(out, verify=False)  # hashed as written; verifying 1 GB of graphs again costs seconds
+    # Hashed as written; verifying 1 GB of graphs again costs seconds.
+    return Exported(read_manifest(out, verify=False), task, fp32)
+
+
+def optimize_variant(task: TaskExport, graphs: list[Graph], folder: Path, name: str, *, parity: ParityConfig,
+                     skip_fusions: tuple[str, ...] = DEFAULT_SKIP_FUSIONS,
+                     ) -> tuple[dict[str, Path], dict[str, Any], dict[str, Any]]:
+    """Write the optimized graph of each fp32 graph into `folder` as `name`, gate it against PyTorch; return the
+    files ({role: path}), the manifest's optimization record and the parity record (or raise ParityError)."""
+    files, optimization = {}, optimization_settings(task.fusion_args["model_type"], skip_fusions)
+    for graph in graphs:
+        files[graph.role] = folder / f"{name}{GRAPH_SUFFIX[graph.role]}"
+        optimization["graphs"][graph.role] = optimize_graph(graph.path, files[graph.role], skip_fusions=skip_fusions,
+                                                            **task.fusion_args)
+    return files, optimization, gate_graphs(graphs, files, task, parity, name)
 
 
 def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path], *, parent: str | None,
                 parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
-                pruning: dict[str, Any] | None = None, default: bool = False) -> Manifest:
+                pruning: dict[str, Any] | None = None, metric_gate: dict[str, Any] | None = None,
+                derived: dict[str, Any] | None = None, session: dict[str, Any] | None = None,
+                default: bool = False) -> Manifest:
     """Copy graph files ({"model": path[, "decoder": path]}) that passed their gate into a bundle as variant `name`.
 
-    The caller gates first and passes the verdict (`parity` and/or `metrics`). The files land under new names;
-    replacing manifest.json is the commit point, so a crash leaves the old bundle valid (stray files are not in the
-    manifest and are overwritten by the next add).
+    The caller gates first and passes the verdict (`parity`, and/or `metrics` with the `metric_gate` verdict). The
+    files land under new names; replacing manifest.json is the commit point, so a crash leaves the old bundle valid
+    (stray files are not in the manifest and are overwritten by the next add).
     """
     if parity is None and metrics is None:
         raise ValueError("a variant needs the verdict of its gate: pass parity and/or metrics")
@@ -113,11 +149,26 @@ def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path]
         os.replace(tmp, dst)
         placed[role] = dst
     _add_variant(root, data, name, placed, parent=parent, parity=parity, metrics=metrics, optimization=optimization,
-                 quantization=quantization, pruning=pruning)
+                 quantization=quantization, pruning=pruning, metric_gate=metric_gate, derived=derived,
+                 session=session or session_settings())
     if default:
         data["default_variant"] = name
     write_manifest(root, data)
     return read_manifest(root)
+
+
+def edit_manifest(bundle_dir: str | Path, edit: Callable[[dict[str, Any]], None], *,
+                  hash_files: tuple[str, ...] = ()) -> Manifest:
+    """Apply `edit` to a bundle's manifest data and commit it in one rename; `hash_files` (paths relative to the
+    bundle, e.g. the report) are hashed into `files` first. For bundle-level records: default variant, rejected
+    variants, latency, report."""
+    root = Path(bundle_dir)
+    data = read_manifest(root, verify=False).data
+    edit(data)
+    for rel in hash_files:
+        data["files"][rel] = sha256_file(root / rel)
+    write_manifest(root, data)
+    return read_manifest(root, verify=False)
 
 
 def gate_graphs(reference: list[Graph], files: dict[str, Path], task: TaskExport, config: ParityConfig,
@@ -144,7 +195,8 @@ def gate_graphs(reference: list[Graph], files: dict[str, Path], task: TaskExport
 def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, Path], *, parent: str | None,
                  parity: dict[str, Any] | None, metrics: dict[str, Any] | None = None,
                  optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
-                 pruning: dict[str, Any] | None = None) -> None:
+                 pruning: dict[str, Any] | None = None, metric_gate: dict[str, Any] | None = None,
+                 derived: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> None:
     """Record a variant whose files already sit in `root` under their final names."""
     graphs, opset, zeros, weights = {}, None, 0, 0
     for role, path in files.items():
@@ -158,8 +210,9 @@ def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, P
     data["variants"][name] = {
         "graphs": graphs, "created": utc_now(), "parent": parent, "opset": opset, "exporter": EXPORTER,
         "exporter_version": torch.__version__,
-        "optimization": optimization, "quantization": quantization, "pruning": pruning,
+        "optimization": optimization, "quantization": quantization, "pruning": pruning, "derived": derived,
         "sparsity": zeros / weights if weights else 0.0, "parity": parity, "metrics": metrics,
+        "metric_gate": metric_gate, "session": session or session_settings(), "latency": None,
         "size_bytes": sum(p.stat().st_size for p in files.values()), "environment": environment(),
     }
 
@@ -174,7 +227,7 @@ def _finish(stage: Path, data: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _staged(out: Path) -> Iterator[Path]:
+def staged(out: Path) -> Iterator[Path]:
     """A temp folder next to `out` that replaces `out` only if the block finishes; removed on any error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"

@@ -10,6 +10,8 @@ A bundle folder holds:
                              `tokenizers.Tokenizer.from_file(...).encode_batch(texts)` reproduces training tokenization
     <variant>.onnx           one ONNX graph per variant that passed its gates (fp32, optimized, later int8-...)
     <variant>.decoder.onnx   causal LMs: the decoder that takes and returns the KV cache, per variant
+    report.md, report.json   written by `python -m compress run` (compress.report): every variant's metric, size and
+    tradeoff.png             latency next to the PyTorch baselines, and the variants that were dropped, with why
 
 manifest.json (format "tuneforge-bundle", format_version 1; readers accept the same major version and ignore keys
 they do not know, so fields are added without a version bump):
@@ -32,6 +34,13 @@ they do not know, so fields are added without a version bump):
                      "present_value"}: input/output name patterns of the decoder graph (below)
     default_variant  the variant an app should load when it has no preference
     variants         {name: variant entry}
+    rejected         {name: {"stage", "reason", "attempts": [...]}}: variants a gate dropped (no file written), with
+                     every attempt of the quantization ladder (absent when none was dropped)
+    compress         how `python -m compress run` made the bundle (absent for `export`): {"config" (the resolved
+                     compress config), "metric": {"name", "higher_is_better"}, "latency": {"settings", "inputs",
+                     "timer"}, "baselines": {name: the PyTorch rows measured alongside: "runtime", "description",
+                     "metrics", "size_bytes", "latency", "derived"}}
+    report           {"markdown": "report.md", "json": "report.json", "plot": "tradeoff.png"} (absent without one)
     files            {relative path: sha256 hex} for every file of the bundle except manifest.json
 
 A variant entry:
@@ -42,15 +51,30 @@ A variant entry:
     parent           the variant it was derived from (null for fp32)
     opset, exporter, exporter_version
     optimization     null, or {"method", "fusions" (onnxruntime.transformers model type or null), "ort_level",
+                     "skipped_fusions" (fused ops left out as slower on CPU, see compress.optimize),
                      "graphs": {role: {"nodes_before", "nodes_after", "fused_ops": {op: count}}}}
-    quantization     null, or the quantization settings (phase 2)
-    pruning          null, or the pruning settings (phase 2)
+    quantization     null, or {"method": "dynamic"|"static", "format": "QOperator"|"QDQ", "source": the variant
+                     quantized, "weight_type", "activation_type", "per_channel", "reduce_range", "exclude_op_types",
+                     "calibration": null | {"method": "minmax"|"entropy"|"percentile", "samples", "source", ...},
+                     "quantized_ops": {role: {op: count}}, "requested": the settings asked for, "library",
+                     "ladder": [every attempt: rung, settings, metric, relative drop, verdict, reason],
+                     "skipped_rungs": [rungs that would have made the same graph as an earlier attempt]}
+    pruning          null, or the pruning settings
+    derived          null, or how this variant's model was made from the source run by a run-to-run stage (prune,
+                     distill): {"stage", "run", "settings"}
     sparsity         measured fraction of exactly-zero weights in the graph's weight matrices
-    parity           the gate's verdict against PyTorch: {"passed", "inputs" (where the samples came from), "atol",
+    parity           the gate's verdict against PyTorch (int8 variants: against the fp32 graph, "reference" says
+                     which): {"passed", "inputs" (where the samples came from), "atol",
                      "rtol", "min_top1_agreement", "max_abs_diff", "max_rel_diff", "top1_agreement" (null for
                      regression), "graphs": {role: {..., "cases": [per case and output]}, "generation": greedy
                      tokens vs PyTorch generate (causal LMs)}}
     metrics          the task metrics of this graph on the eval split, or null when not computed
+    metric_gate      null, or the task-metric gate's verdict: {"metric", "higher_is_better", "reference" (variant),
+                     "reference_value", "value", "relative_drop", "max_relative_drop", "passed"}
+    session          the ONNX Runtime session settings the variant is meant to run with (and was measured with):
+                     {"graph_optimization_level", "disabled_optimizers"}; see compress.optimize for why
+    latency          null, or {"batch_<n>": {"p50_ms", "p95_ms", "mean_ms", "min_ms", "cpu_p50_ms", "runs"}} as
+                     measured by compress.latency under the settings in the bundle-level `compress`
     size_bytes       total bytes of the variant's files
     environment      {"libraries": {name: version}, "cpu": {"model", "flags": {"avx2", "avx512f", "avx512_vnni", ...}},
                      "python", "platform"} of the machine that made it

@@ -76,8 +76,9 @@ def open_session(path: Any, *, threads: int = 1) -> Any:
 
 
 def check_graph(session: Any, reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], cases: list[Case],
-                *, config: ParityConfig, label: str) -> dict[str, Any]:
-    """Run every case through the session and the PyTorch reference; return the parity record or raise."""
+                *, config: ParityConfig, label: str, reference_name: str = "PyTorch") -> dict[str, Any]:
+    """Run every case through the session and the reference (PyTorch, or for int8 graphs the fp32 graph); return the
+    parity record or raise."""
     output_names = [o.name for o in session.get_outputs()]
     input_names = {i.name for i in session.get_inputs()}
     diffs: list[_Diff] = []
@@ -90,7 +91,7 @@ def check_graph(session: Any, reference: Callable[[dict[str, np.ndarray]], dict[
                 raise ParityError(f"{label}: output {name} has shape {list(got[name].shape)} where PyTorch gives "
                                   f"{list(want.shape)} [{case.name}]; it was not written")
             diffs.append(_compare(case, name, got[name], want, config))
-    return _verdict(diffs, config, label)
+    return _verdict(diffs, config, label, reference_name)
 
 
 def _compare(case: Case, name: str, got: np.ndarray, want: np.ndarray, config: ParityConfig) -> _Diff:
@@ -123,7 +124,7 @@ def _top1(got: np.ndarray, want: np.ndarray, mask: np.ndarray, config: ParityCon
     return float(np.mean((g_top == w_top) | tie)), len(w)
 
 
-def _verdict(diffs: list[_Diff], config: ParityConfig, label: str) -> dict[str, Any]:
+def _verdict(diffs: list[_Diff], config: ParityConfig, label: str, reference_name: str) -> dict[str, Any]:
     top1 = [d.top1 for d in diffs if d.top1 is not None]
     record = {
         "passed": True, "atol": config.atol, "rtol": config.rtol, "min_top1_agreement": config.min_top1_agreement,
@@ -136,12 +137,14 @@ def _verdict(diffs: list[_Diff], config: ParityConfig, label: str) -> dict[str, 
     failed = [d for d in diffs if d.excess > 0 or (d.top1 is not None and d.top1 < config.min_top1_agreement)]
     if failed:
         failed.sort(key=lambda d: (d.excess, -(d.top1 if d.top1 is not None else 1.0)), reverse=True)
-        lines = [f"  {d.output} [{d.case}]: max abs diff {d.max_abs:.3g} (onnx {d.got:.6g} vs torch {d.expected:.6g} "
+        ref = "torch" if reference_name == "PyTorch" else reference_name
+        lines = [f"  {d.output} [{d.case}]: max abs diff {d.max_abs:.3g} (onnx {d.got:.6g} vs {ref} {d.expected:.6g} "
                  f"at {list(d.where)}), max rel diff {d.max_rel:.3g}"
                  + (f", top-1 agreement {d.top1:.1%} of {d.positions}" if d.top1 is not None else "")
                  for d in failed[:5]]
-        raise ParityError(f"{label} does not match PyTorch (atol {config.atol:g}, rtol {config.rtol:g}, top-1 >= "
-                          f"{config.min_top1_agreement:.0%}); it was not written. Worst outputs:\n" + "\n".join(lines))
+        raise ParityError(f"{label} does not match {reference_name} (atol {config.atol:g}, rtol {config.rtol:g}, "
+                          f"top-1 >= {config.min_top1_agreement:.0%}); it was not written. Worst outputs:\n"
+                          + "\n".join(lines))
     logger.info("%s parity: max abs diff %.3g, max rel diff %.3g", label, record["max_abs_diff"],
                 record["max_rel_diff"])
     return record

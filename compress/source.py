@@ -38,10 +38,15 @@ class Run:
     model_dir: Path
     meta: dict[str, Any]  # model/tuneforge.json
     config: dict[str, Any] | None  # the resolved recipe config (config.yaml), when present
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # data splits, loaded once per run
 
     @property
     def task(self) -> str:
         return self.meta["task"]
+
+    @property
+    def seed(self) -> int:
+        return int((self.config or {}).get("train", {}).get("seed", 42))
 
 
 @dataclass
@@ -54,8 +59,11 @@ class Samples:
     images: list[Any] = field(default_factory=list)  # PIL images
 
 
-def read_run(path: str | Path) -> Run:
-    """A run directory (or its `model/` folder) with a `tuneforge.json` naming a task this code exports."""
+def read_run(path: str | Path, *, data_overrides: dict[str, Any] | None = None) -> Run:
+    """A run directory (or its `model/` folder) with a `tuneforge.json` naming a task this code exports.
+
+    `data_overrides` replace keys of the recorded `data` config (an eval file that moved, `max_eval_samples`...):
+    everything that reads the run's data (parity samples, eval metrics, calibration) sees them."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"run directory {path} does not exist; pass the train.output_dir of a finished run")
@@ -70,12 +78,16 @@ def read_run(path: str | Path) -> Run:
     run_dir = model_dir.parent if model_dir.name == MODEL_DIR else model_dir
     config_file = run_dir / "config.yaml"
     config = yaml_load(config_file.read_text(), source=str(config_file)) if config_file.is_file() else None
+    if data_overrides:
+        config = dict(config or {})
+        config["data"] = {**(config.get("data") or {}), **data_overrides}
     return Run(run_dir=run_dir, model_dir=model_dir, meta=meta, config=config)
 
 
-def load_model(run: Run) -> Any:
-    """The run's PyTorch model in eval mode, from safetensors; attention in eager form, which exports to the plain
-    MatMul/Softmax pattern that ONNX Runtime's transformer fusions recognise (sdpa exports without fusions)."""
+def load_model(run: Run, *, attn_implementation: str | None = "eager") -> Any:
+    """The run's PyTorch model in eval mode, from safetensors. Attention in eager form by default: it exports to the
+    plain MatMul/Softmax pattern that ONNX Runtime's transformer fusions recognise (sdpa exports without fusions);
+    None keeps transformers' default (sdpa), the fastest eager PyTorch baseline."""
     import transformers
 
     kwargs: dict[str, Any] = {"use_safetensors": True}
@@ -85,7 +97,8 @@ def load_model(run: Run) -> Any:
     else:
         loader = (transformers.AutoModelForCausalLM if run.task == "causal-lm"
                   else transformers.AutoModelForSequenceClassification)
-        kwargs["attn_implementation"] = "eager"
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
     try:
         model = loader.from_pretrained(run.model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -113,15 +126,15 @@ def load_samples(run: Run, *, limit: int, given: list[Any] | None = None) -> Sam
         texts = [g if isinstance(g, str) else g[0] for g in given[:limit]]
         pairs = [g[1] for g in given[:limit]] if not isinstance(given[0], str) else None
         return Samples(source=f"given ({len(texts)} texts)", texts=texts, pairs=pairs)
-    if run.task == "image-classification":
-        return _synthetic_images(run, limit)
+    image = run.task == "image-classification"
     try:
-        samples = _eval_split_texts(run, limit)
+        samples = _eval_split_images(run, limit) if image else _eval_split_texts(run, limit)
     except (TuneforgeError, OSError, KeyError, TypeError) as err:
-        logger.warning("cannot read the eval split of %s (%s); parity uses built-in texts", run.run_dir, err)
+        logger.warning("cannot read the eval split of %s (%s); parity uses %s", run.run_dir, err,
+                       "synthetic images" if image else "built-in texts")
         samples = None
     if samples is None:
-        return Samples(source="built-in texts", texts=BUILTIN_TEXTS[:limit])
+        return _synthetic_images(run, limit) if image else Samples(source="built-in texts", texts=BUILTIN_TEXTS[:limit])
     return samples
 
 
@@ -130,30 +143,73 @@ def run_data_config(run: Run) -> tuple[Any, int] | None:
     from finetune.data import TextDataConfig
 
     data = (run.config or {}).get("data")
-    if not isinstance(data, dict) or "text_column" not in data:
+    if run.task not in TEXT_TASKS or not isinstance(data, dict) or "text_column" not in data:
         return None
     fields = set(TextDataConfig.__dataclass_fields__)
     cfg = config_from_dict(TextDataConfig, {k: v for k, v in data.items() if k in fields}, prefix="data.")
-    return cfg, int((run.config or {}).get("train", {}).get("seed", 42))
+    return cfg, run.seed
 
 
-def _eval_split_texts(run: Run, limit: int) -> Samples | None:
-    """The first `limit` texts of the run's eval split."""
+def text_splits(run: Run) -> dict[str, Any] | None:
+    """The run's raw text splits ({"train", "eval"}: `datasets.Dataset`s, as the recipe loaded them), loaded once;
+    None when the run recorded no text data config."""
     from finetune.data import load_raw_splits
 
     found = run_data_config(run)
     if found is None:
         return None
-    cfg, seed = found
-    evals = load_raw_splits(cfg, seed=seed)["eval"]
+    if "text_splits" not in run.cache:
+        cfg, seed = found
+        run.cache["text_splits"] = load_raw_splits(cfg, seed=seed)
+    return run.cache["text_splits"]
+
+
+def image_splits(run: Run) -> dict[str, Any] | None:
+    """The run's image splits ({"train", "eval"}: ImageSets of loaded uint8 images with label ids, as the recipe
+    loaded them), loaded once; None when the run recorded no image data config."""
+    data = (run.config or {}).get("data")
+    if run.task != "image-classification" or not isinstance(data, dict) or "train" not in data:
+        return None
+    if "image_splits" not in run.cache:
+        from finetune.image_data import ImageDataConfig, load_image_splits
+
+        fields = set(ImageDataConfig.__dataclass_fields__)
+        cfg = config_from_dict(ImageDataConfig, {k: v for k, v in data.items() if k in fields}, prefix="data.")
+        splits, names = load_image_splits(cfg, seed=run.seed)
+        recorded = run.meta.get("label_names")
+        if recorded and list(names) != list(recorded):
+            raise ExportError(f"the run's data gives labels {names}, its model was trained with {recorded}; "
+                              "fix data.label_names (or the data overrides)")
+        run.cache["image_splits"] = splits
+    return run.cache["image_splits"]
+
+
+def _eval_split_texts(run: Run, limit: int) -> Samples | None:
+    """The first `limit` texts of the run's eval split."""
+    found = run_data_config(run)
+    splits = text_splits(run)
+    if found is None or splits is None:
+        return None
+    cfg, _ = found
+    evals = splits["eval"]
     rows = evals.select(range(min(limit, len(evals))))
     texts = [t if isinstance(t, str) else "" for t in rows[cfg.text_column]]
     pairs = [t if isinstance(t, str) else "" for t in rows[cfg.text_pair_column]] if cfg.text_pair_column else None
     return Samples(source=f"eval split ({len(texts)} of {len(evals)} rows)", texts=texts, pairs=pairs)
 
 
+def _eval_split_images(run: Run, limit: int) -> Samples | None:
+    """The first `limit` images of the run's eval split (uint8 arrays, as loaded; preprocessing comes later)."""
+    splits = image_splits(run)
+    if splits is None:
+        return None
+    evals = splits["eval"]
+    count = min(limit, len(evals))
+    return Samples(source=f"eval split ({count} of {len(evals)} images)", images=list(evals.images[:count]))
+
+
 def _synthetic_images(run: Run, limit: int) -> Samples:
-    """Seeded random images at the model's input size (no eval split reader for images yet)."""
+    """Seeded random images at the model's input size (for runs that recorded no data config)."""
     import numpy as np
     from PIL import Image
 

@@ -8,7 +8,10 @@ at every batch size of the parity config; padded batches check the attention mas
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,26 @@ from compress.export import (
 from compress.inputs import encode_texts, position_ids
 from compress.manifest import TOKENIZER_FILE
 from compress.parity import Case, ParityConfig, open_session
-from compress.source import TEXT_TASKS, Run, Samples, load_tokenizer, run_data_config
-from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
+from compress.source import TEXT_TASKS, Run, Samples, image_splits, load_tokenizer, run_data_config, text_splits
+from finetune.image_preprocessing import PreprocessingSpec, normalize, preprocess_batch, to_model_pixels_batch
 
 logger = logging.getLogger(__name__)
 
 LM_SAMPLE_CHARS = 300  # causal-LM parity prompts are cut to this many characters (~60-100 tokens)
 EVAL_BATCH = 64
+IMAGE_EVAL_BATCH = 256
+LM_EVAL_BATCH = 4
+Feeds = dict[str, np.ndarray]
+Predict = Callable[[Feeds], np.ndarray]  # graph inputs -> logits
+
+
+@dataclass
+class EvalData:
+    """The eval split as graph inputs, batched once and reused for every variant (and the PyTorch baselines)."""
+
+    batches: list[Feeds]
+    labels: np.ndarray | None  # per example, in batch order (None for causal LMs: the targets are the inputs)
+    source: str
 
 
 class TaskExport:
@@ -55,13 +71,51 @@ class TaskExport:
         meta = run.meta
         self.source_run = {"path": str(run.run_dir.resolve()), "base_model": meta.get("base_model"),
                            "step": meta.get("step"), "eval": meta.get("eval")}
+        self._eval: EvalData | None = None
+
+    # What a task provides; subclasses override.
+    primary_metric = ("accuracy", True)  # (the metric the gates compare by default, higher is better)
+    input_names: list[str]
 
     def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
         raise NotImplementedError
 
-    def evaluate(self, path: Path) -> dict[str, Any] | None:
-        """This graph's task metrics on the eval split, or None where this task has no eval-split reader."""
+    def eval_data(self) -> EvalData | None:
+        """The eval split as batched graph inputs, or None where the run recorded no readable eval data."""
         return None
+
+    def calibration_inputs(self, count: int) -> tuple[list[Feeds], str]:
+        """Up to `count` single-example inputs for static-quantization calibration, and where they came from."""
+        raise NotImplementedError
+
+    def latency_inputs(self, batch_size: int) -> tuple[Feeds, str]:
+        """One batch of real inputs on which every variant's latency is measured, and what it holds."""
+        raise NotImplementedError
+
+    def score(self, outputs: list[Any], data: EvalData) -> dict[str, Any]:
+        """Task metrics from the per-batch `reduce` results."""
+        raise NotImplementedError
+
+    def reduce(self, logits: np.ndarray, feeds: Feeds) -> Any:
+        """What `score` needs of one batch's logits (the logits themselves for classifiers)."""
+        return logits
+
+    def evaluate(self, path: Path) -> dict[str, Any] | None:
+        """This graph's task metrics on the eval split, or None where the run recorded no eval data."""
+        if self.eval_data() is None:
+            logger.warning("no eval split recorded for %s; metrics not computed", self.run.run_dir)
+            return None
+        session = open_session(path, threads=os.cpu_count() or 1)
+        wanted = {i.name for i in session.get_inputs()}
+        return self.evaluate_with(lambda feeds: session.run(["logits"], {k: v for k, v in feeds.items()
+                                                                         if k in wanted})[0])
+
+    def evaluate_with(self, predict: Predict) -> dict[str, Any] | None:
+        """Task metrics of any predictor (an ONNX session, a PyTorch model) on the same eval batches."""
+        data = self.eval_data()
+        if data is None:
+            return None
+        return self.score([self.reduce(predict(feeds), feeds) for feeds in data.batches], data)
 
 
 def prepare_task(run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig) -> TaskExport:
@@ -89,6 +143,8 @@ class TextClassifierExport(TaskExport):
             "tokenizer": tokenizer_section(hf, max_length=max_length, padding_side=hf.padding_side),
         }
         texts, pairs = samples.texts, samples.pairs
+        self.sample_texts, self.sample_pairs = texts, pairs
+        self._labelled: dict[str, Any] | None = None
 
         def encode(idx: list[int]) -> dict[str, np.ndarray]:
             return encode_texts(self.tokenizer, [texts[i] for i in idx],
@@ -102,32 +158,72 @@ class TextClassifierExport(TaskExport):
         return [export_classifier(self.model, stage / f"{variant}.onnx", example=self.example,
                                   input_names=self.input_names, opset=opset)]
 
-    def evaluate(self, path: Path) -> dict[str, Any] | None:
-        from finetune.data import encode_labels, load_raw_splits
+    @property
+    def primary_metric(self) -> tuple[str, bool]:
+        return ("mae", False) if self.run.task == "text-regression" else ("accuracy", True)
+
+    def _split(self, name: str) -> tuple[list[str], list[str] | None, np.ndarray] | None:
+        """Texts, pairs and label ids (or values) of one split, labelled as the recipe did."""
+        from finetune.data import encode_labels
+
+        found, splits = run_data_config(self.run), text_splits(self.run)
+        if found is None or splits is None:
+            return None
+        cfg, _ = found
+        if self._labelled is None:
+            regression = self.run.task == "text-regression"
+            names = self.run.meta.get("label_names")
+            self._labelled, _ = encode_labels(splits, cfg, regression=regression,
+                                              num_labels=None if regression else len(names))
+        rows = self._labelled[name]
+        texts = [t if isinstance(t, str) else "" for t in rows[cfg.text_column]]
+        pairs = [t if isinstance(t, str) else "" for t in rows[cfg.text_pair_column]] if cfg.text_pair_column else None
+        return texts, pairs, np.asarray(rows["labels"])
+
+    def _encode(self, texts: list[str], pairs: list[str] | None, idx: Any) -> Feeds:
+        return encode_texts(self.tokenizer, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
+                            input_names=self.input_names)
+
+    def eval_data(self) -> EvalData | None:
+        if self._eval is None:
+            found = self._split("eval")
+            if found is None:
+                return None
+            texts, pairs, labels = found
+            # Batches of similar lengths (less padding, same metrics: labels follow the order).
+            lengths = [len(e.ids) for e in self.tokenizer.encode_batch(texts)] if pairs is None else [0] * len(texts)
+            order = np.argsort(lengths, kind="stable")
+            batches = [self._encode(texts, pairs, order[i:i + EVAL_BATCH]) for i in range(0, len(order), EVAL_BATCH)]
+            self._eval = EvalData(batches, labels[order], f"eval split ({len(texts)} rows)")
+        return self._eval
+
+    def calibration_inputs(self, count: int) -> tuple[list[Feeds], str]:
+        found = self._split("train")
+        if found is None:
+            raise ExportError(f"{self.run.run_dir} recorded no train data (config.yaml `data`); static quantization "
+                              "calibrates on it: set the compress config's `data` overrides, or quantize dynamically")
+        texts, pairs, _ = found
+        pick = np.sort(np.random.default_rng(self.run.seed).permutation(len(texts))[:count])
+        return [self._encode(texts, pairs, [i]) for i in pick], f"train split ({len(pick)} of {len(texts)} rows)"
+
+    def latency_inputs(self, batch_size: int) -> tuple[Feeds, str]:
+        found = self._split("eval")
+        texts, pairs = (found[0], found[1]) if found else (self.sample_texts, self.sample_pairs)
+        lengths = np.array([len(e.ids) for e in self.tokenizer.encode_batch(texts)])
+        # The rows nearest the median length: a typical request (cycled when the split is smaller than the batch).
+        order = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")
+        idx = [int(order[i % len(order)]) for i in range(batch_size)]
+        feeds = self._encode(texts, pairs, idx)
+        where = "eval split" if found else f"parity samples ({self.samples_source})"
+        return feeds, f"{where}: {batch_size} row(s) of median token length, padded to {feeds['input_ids'].shape[1]}"
+
+    def score(self, outputs: list[Any], data: EvalData) -> dict[str, Any]:
         from finetune.evaluation import score_classifier, score_regressor
 
-        found = run_data_config(self.run)
-        if found is None:
-            logger.warning("no eval split recorded for %s; metrics not computed", self.run.run_dir)
-            return None
-        cfg, seed = found
-        regression = self.run.task == "text-regression"
-        names = self.run.meta.get("label_names")
-        splits, _ = encode_labels(load_raw_splits(cfg, seed=seed), cfg, regression=regression,
-                                  num_labels=None if regression else len(names))
-        evals = splits["eval"]
-        session = open_session(path, threads=os.cpu_count() or 1)
-        texts = [t if isinstance(t, str) else "" for t in evals[cfg.text_column]]
-        pairs = [t if isinstance(t, str) else "" for t in evals[cfg.text_pair_column]] if cfg.text_pair_column else None
-        logits = []
-        for start in range(0, len(texts), EVAL_BATCH):
-            end = start + EVAL_BATCH
-            feeds = encode_texts(self.tokenizer, texts[start:end], pairs[start:end] if pairs else None,
-                                 input_names=self.input_names)
-            logits.append(session.run(["logits"], feeds)[0])
-        stacked, labels = np.concatenate(logits), np.asarray(evals["labels"])
-        return score_regressor(stacked, labels) if regression else score_classifier(stacked, labels,
-                                                                                     num_labels=len(names))
+        logits = np.concatenate(outputs)
+        if self.run.task == "text-regression":
+            return score_regressor(logits, data.labels)
+        return score_classifier(logits, data.labels, num_labels=len(self.run.meta["label_names"]))
 
 
 class CausalLMExport(TaskExport):
@@ -160,6 +256,7 @@ class CausalLMExport(TaskExport):
         def encode(idx: list[int]) -> dict[str, np.ndarray]:
             return encode_texts(self.tokenizer, [texts[i] for i in idx], input_names=self.input_names)
 
+        self.texts = texts
         lengths = [len(self.tokenizer.encode(t).ids) for t in texts]
         self.cases["model"] = [Case(c.name, c.feeds, {"logits": c.feeds["attention_mask"][:, :, None] > 0})
                                for c in length_cases(encode, lengths, parity.batch_sizes)]
@@ -171,8 +268,47 @@ class CausalLMExport(TaskExport):
                                  input_names=self.input_names, opset=opset)
         decoder = export_decoder(self.model, stage / f"{variant}.decoder.onnx", example=self._decoder_example(),
                                  input_names=self.input_names, cache=self.cache, opset=opset)
-        self.cases["decoder"] = self._decoder_cases(decoder)
+        self.cases["decoder"] = self.decoder_cases(decoder.reference)
         return [plain, decoder]
+
+    # Until the causal-LM recipe's data readers are here, quality is measured on the parity prompts (the run's eval
+    # split when compress can read it, else built-in texts): next-token loss and perplexity of the "model" graph.
+    primary_metric = ("perplexity", False)
+
+    def _encode(self, idx: Any) -> Feeds:
+        return encode_texts(self.tokenizer, [self.texts[i] for i in idx], input_names=self.input_names)
+
+    def eval_data(self) -> EvalData | None:
+        if self._eval is None:
+            idx = range(len(self.texts))
+            batches = [self._encode(idx[i:i + LM_EVAL_BATCH]) for i in range(0, len(idx), LM_EVAL_BATCH)]
+            self._eval = EvalData(batches, None, f"parity prompts ({self.samples_source}, {len(self.texts)} texts)")
+        return self._eval
+
+    def reduce(self, logits: np.ndarray, feeds: Feeds) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood over real (unpadded) positions, and their count."""
+        logits, targets = logits[:, :-1].astype(np.float64), feeds["input_ids"][:, 1:]
+        real = (feeds["attention_mask"][:, :-1] > 0) & (feeds["attention_mask"][:, 1:] > 0)
+        peak = logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+        nll = log_norm - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return float(nll[real].sum()), int(real.sum())
+
+    def score(self, outputs: list[Any], data: EvalData) -> dict[str, Any]:
+        tokens = sum(n for _, n in outputs)
+        loss = sum(s for s, _ in outputs) / max(tokens, 1)
+        return {"eval_loss": loss, "perplexity": math.exp(loss), "num_tokens": tokens, "source": data.source}
+
+    def calibration_inputs(self, count: int) -> tuple[list[Feeds], str]:
+        picks = [self._encode([i % len(self.texts)]) for i in range(min(count, len(self.texts)))]
+        return picks, f"parity prompts ({len(picks)} texts; {self.samples_source})"
+
+    def latency_inputs(self, batch_size: int) -> tuple[Feeds, str]:
+        lengths = np.array([len(self.tokenizer.encode(t).ids) for t in self.texts])
+        order = np.argsort(np.abs(lengths - np.median(lengths)), kind="stable")
+        feeds = self._encode([int(order[i % len(order)]) for i in range(batch_size)])
+        return feeds, (f"parity prompts: {batch_size} of median token length, left-padded to "
+                       f"{feeds['input_ids'].shape[1]} (one forward of the no-cache graph)")
 
     def _present_names(self) -> list[str]:
         return [self.cache[f"present_{kind}"].format(i=i) for i in range(self.cache["num_layers"])
@@ -189,8 +325,9 @@ class CausalLMExport(TaskExport):
         past = {name: rng.standard_normal(shape).astype(np.float32) for name in empty_past(self.cache, batch)}
         return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask, past_length=2), **past}
 
-    def _decoder_cases(self, decoder: Graph) -> list[Case]:
-        """Prefill with an empty past, then 1 and 2 tokens fed with the PyTorch presents of that prefill."""
+    def decoder_cases(self, reference: Callable[[Feeds], dict[str, np.ndarray]]) -> list[Case]:
+        """Prefill with an empty past, then 1 and 2 tokens fed with the reference's presents of that prefill (the
+        PyTorch decoder for export; the fp32 graph for derived variants)."""
         present = self._present_names()
         past_names = list(empty_past(self.cache, 1))
         cases = []
@@ -200,7 +337,7 @@ class CausalLMExport(TaskExport):
             feeds = {**case.feeds, **empty_past(self.cache, batch)}
             cases.append(Case(f"prefill, {case.name}", feeds, {"logits": mask[:, :, None] > 0,
                                                                **{n: mask[:, None, :, None] > 0 for n in present}}))
-            ref = decoder.reference(feeds)
+            ref = reference(feeds)
             token = ref["logits"][:, -1].argmax(axis=-1)
             for new in (1, 2):
                 grown = np.concatenate([mask, np.ones((batch, new), dtype=np.int64)], axis=1)
@@ -220,7 +357,10 @@ class ImageClassifierExport(TaskExport):
         if not spec:
             raise ExportError(f"{run.model_dir}/tuneforge.json has no 'preprocessing'; image bundles need the spec")
         self.sections = {"labels": run.meta.get("label_names"), "preprocessing": spec}
-        pixels = preprocess_batch(samples.images, PreprocessingSpec.from_dict(spec))
+        self.spec = PreprocessingSpec.from_dict(spec)
+        self.input_names = ["pixel_values"]
+        pixels = preprocess_batch(samples.images, self.spec)
+        self.sample_pixels = pixels
         self.cases["model"] = []
         for size in parity.batch_sizes:
             idx = [i % len(pixels) for i in range(size)]
@@ -230,6 +370,48 @@ class ImageClassifierExport(TaskExport):
     def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
         return [export_classifier(self.model, stage / f"{variant}.onnx", example=self.example,
                                   input_names=["pixel_values"], opset=opset)]
+
+    def _pixels(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """uint8 [N, C, H, W] images of a split at the model's size and color mode, and their label ids."""
+        splits = image_splits(self.run)
+        if splits is None:
+            return None
+        return to_model_pixels_batch(splits[split].images, self.spec), splits[split].labels
+
+    def eval_data(self) -> EvalData | None:
+        if self._eval is None:
+            found = self._pixels("eval")
+            if found is None:
+                return None
+            pixels, labels = found
+            batches = [{"pixel_values": normalize(pixels[i:i + IMAGE_EVAL_BATCH], self.spec)}
+                       for i in range(0, len(pixels), IMAGE_EVAL_BATCH)]
+            self._eval = EvalData(batches, labels, f"eval split ({len(labels)} images)")
+        return self._eval
+
+    def calibration_inputs(self, count: int) -> tuple[list[Feeds], str]:
+        found = self._pixels("train")
+        if found is None:
+            raise ExportError(f"{self.run.run_dir} recorded no train data (config.yaml `data`); static quantization "
+                              "calibrates on it: set the compress config's `data` overrides, or quantize dynamically")
+        pixels, _ = found
+        pick = np.sort(np.random.default_rng(self.run.seed).permutation(len(pixels))[:count])
+        return ([{"pixel_values": normalize(pixels[i:i + 1], self.spec)} for i in pick],
+                f"train split ({len(pick)} of {len(pixels)} images)")
+
+    def latency_inputs(self, batch_size: int) -> tuple[Feeds, str]:
+        found = self._pixels("eval")
+        if found is None:
+            pixels = self.sample_pixels
+            return {"pixel_values": pixels[[i % len(pixels) for i in range(batch_size)]]}, \
+                f"parity samples ({self.samples_source}): the first {batch_size}"
+        return ({"pixel_values": normalize(found[0][[i % len(found[0]) for i in range(batch_size)]], self.spec)},
+                f"eval split: the first {batch_size} image(s)")
+
+    def score(self, outputs: list[Any], data: EvalData) -> dict[str, Any]:
+        from finetune.evaluation import score_classifier
+
+        return score_classifier(np.concatenate(outputs), data.labels, num_labels=len(self.run.meta["label_names"]))
 
 
 def length_cases(encode: Any, lengths: list[int], batch_sizes: tuple[int, ...]) -> list[Case]:

@@ -351,6 +351,20 @@ def shape_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def image_data_run(shape_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ResNet run of `make_image_run` with its data recorded in config.yaml (shape_npz), as the image recipe
+    writes it: eval split, calibration images and PyTorch baselines come from it. The 12x12 grey shapes are resized to
+    the model's 24x20 RGB by its preprocessing."""
+    run = make_image_run(tmp_path_factory.mktemp("image_data") / "run")
+    meta_path = run / "model" / "tuneforge.json"
+    meta = json.loads(meta_path.read_text())
+    meta["label_names"] = ["0", "1", "2"]
+    meta_path.write_text(json.dumps(meta))
+    (run / "config.yaml").write_text(f"data:\n  train: {shape_npz}\ntrain:\n  seed: 3\n")
+    return run
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run `recipes/<recipe>.py` in a subprocess from the repo root (as a user would), capturing output."""

@@ -89,7 +89,12 @@ def test_text_bundle_structure_parity_and_manifest(text_bundle: Path, text_run: 
     optimization = optimized["optimization"]
     assert optimization["fusions"] == "bert" and optimization["ort_level"] == "ORT_ENABLE_EXTENDED"
     stats = optimization["graphs"]["model"]
-    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= stats["fused_ops"].keys()
+    assert {"Attention", "EmbedLayerNormalization"} <= stats["fused_ops"].keys()
+    # Left out as slower on CPU (compress.optimize), and disabled when a session loads the graph.
+    assert not {"SkipLayerNormalization", "BiasGelu"} & stats["fused_ops"].keys()
+    assert optimization["skipped_fusions"] == ["SkipLayerNormalization", "BiasGelu"]
+    assert optimized["session"] == fp32["session"] == {
+        "graph_optimization_level": "ORT_ENABLE_ALL", "disabled_optimizers": ["SkipLayerNormFusion", "BiasGeluFusion"]}
     assert stats["nodes_after"] < stats["nodes_before"] / 3
     assert optimized["parity"]["passed"] and optimized["parity"]["max_abs_diff"] < 1e-4
     assert optimized["parent"] == "fp32"

@@ -13,24 +13,43 @@ import pytest
 from conftest import GENERATION_DEFAULTS, run_recipe
 
 from compress.bundle import ExportConfig, export_bundle
+from compress.manifest import read_manifest
+from compress.quantize import Settings, quantize_graph
 
 pytestmark = pytest.mark.slow
 
 
-def test_minilm_run_exports_with_full_bert_fusions(tmp_path: Path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def minilm_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM fine-tuned for 10 steps on the embedded review set, exported with the optimized variant."""
+    run = tmp_path_factory.mktemp("minilm") / "run"
     run_recipe("text_classification", "--config", "recipes/configs/text_classification/default.yaml",
                f"train.output_dir={run}", "train.max_steps=10", timeout=900)
-    manifest = export_bundle(run, tmp_path / "bundle", config=ExportConfig(optimize=True))
+    export_bundle(run, run.parent / "bundle", config=ExportConfig(optimize=True))
+    return run.parent / "bundle"
+
+
+def test_minilm_run_exports_with_full_bert_fusions(minilm_bundle: Path):
+    manifest = read_manifest(minilm_bundle)
     fp32, optimized = manifest.variants["fp32"], manifest.variants["optimized"]
     assert [i["name"] for i in fp32["graphs"]["model"]["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     fused = optimized["optimization"]["graphs"]["model"]["fused_ops"]
-    assert fused["Attention"] == 6 and fused["SkipLayerNormalization"] == 12 and fused["EmbedLayerNormalization"] == 1
+    assert fused["Attention"] == 6 and fused["EmbedLayerNormalization"] == 1 and "SkipLayerNormalization" not in fused
     for variant in (fp32, optimized):
         assert variant["parity"]["max_abs_diff"] < 1e-5 and variant["parity"]["top1_agreement"] == 1.0
         assert variant["metrics"]["accuracy"] == manifest.data["source_run"]["eval"]["accuracy"]
         assert variant["metrics"]["num_examples"] == 150
     assert 85e6 < fp32["size_bytes"] < 95e6  # 22.7M fp32 parameters
+
+
+def test_minilm_dynamic_int8_uses_fused_int8_kernels_at_a_quarter_of_the_size(minilm_bundle: Path, tmp_path: Path):
+    manifest = read_manifest(minilm_bundle)
+    for per_channel in (False, True):
+        path = tmp_path / f"int8-{per_channel}.onnx"
+        ops = quantize_graph(manifest.graph_path("optimized"), path, Settings("dynamic", per_channel, False, ()))
+        # 6 layers: QKV in one QAttention; attention out, FFN in and out as MatMulInteger; + the classifier (Gemm)
+        assert ops["QAttention"] == 6 and ops["MatMulInteger"] == 6 * 3 + 1 and ops["QEmbedLayerNormalization"] == 1
+        assert path.stat().st_size <= 0.27 * manifest.variants["fp32"]["size_bytes"]
 
 
 def smollm2_run(path: Path) -> Path:

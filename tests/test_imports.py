@@ -13,7 +13,7 @@ SUBMODULES = ["config", "data", "lm_data", "models", "lora", "generation", "opti
               "evaluation", "tracking", "plots", "rundir", "errors", "image_preprocessing", "image_data",
               "image_augment", "vision_models"]
 COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
-                       "bundle"]
+                       "bundle", "metric_gate", "quantize", "latency", "report", "pipeline"]
 # What serve.runtime may import (no torch, transformers or datasets).
 TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
               "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]

@@ -1,0 +1,48 @@
+"""Compress a finished run into a bundle of verified ONNX variants with a trade-off report.
+
+    python recipes/compress.py --config recipes/configs/compress/text_default.yaml
+    python recipes/compress.py --config recipes/configs/compress/mnist_cnn.yaml latency.threads=2
+    python recipes/compress.py --config recipes/configs/compress/causal_lm.yaml run_dir=runs/causal_lm/mine
+    python -m compress run --config recipes/configs/compress/text_default.yaml    # the same code, from the package
+    python recipes/compress.py --help                                            # every config key with its default
+
+The config names the run directory and lists the stages to apply, in order (compress/pipeline.py describes them):
+`torch` measures the PyTorch baselines (fp32 eager, dynamic int8), `export` writes the parity-gated fp32 graphs,
+`optimize` the ONNX Runtime-fused variant, and each `quantize` an int8 variant that must pass a numeric check against
+fp32 and the task-metric gate (`gate.max_relative_drop`), retrying along a ladder of safer settings and recorded as
+dropped when none passes. Then every variant is timed on the same inputs (`latency`), the fastest becomes the default,
+and `out` receives the bundle with report.md, report.json and tradeoff.png. Nothing is written unless it all worked.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+# This script shares its name with the `compress` package, and Python puts a script's own folder first on the import
+# path: without this line `import compress` would import this file.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from compress.manifest import Manifest  # noqa: E402
+from compress.pipeline import CompressConfig, run_pipeline  # noqa: E402
+from finetune.config import parse_config  # noqa: E402
+from finetune.errors import exit_on_user_error  # noqa: E402
+
+Config = CompressConfig  # run_dir, out, stages, data overrides, gate, latency, default_variant, report
+
+
+def main(cfg: Config) -> Manifest:
+    # Stages in order (checked before any work), then latency, the default variant and the report.
+    manifest = run_pipeline(cfg)
+    print((manifest.path / manifest.data["report"]["markdown"]).read_text() if "report" in manifest.data else "")
+    rejected = manifest.data.get("rejected", {})
+    print(f"wrote {Path(cfg.out)}: variants {', '.join(manifest.variants)} (default {manifest.default_variant})"
+          + (f"; dropped {', '.join(rejected)}" if rejected else ""))
+    return manifest
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with exit_on_user_error():
+        main(parse_config(Config))
