@@ -78,6 +78,8 @@ def load_model(run: Run) -> Any:
     MatMul/Softmax pattern that ONNX Runtime's transformer fusions recognise (sdpa exports without fusions)."""
     import transformers
 
+    from finetune.shapes import from_pretrained
+
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if run.task == "image-classification":
         loader = transformers.AutoModelForImageClassification
@@ -87,7 +89,7 @@ def load_model(run: Run) -> Any:
                   else transformers.AutoModelForSequenceClassification)
         kwargs["attn_implementation"] = "eager"
     try:
-        model = loader.from_pretrained(run.model_dir, **kwargs)
+        model = from_pretrained(loader, run.model_dir, **kwargs)  # pruned models too
     except (OSError, ValueError, KeyError) as err:
         raise ExportError(f"cannot load the {run.task} model in {run.model_dir}: {str(err).splitlines()[0]}") from None
     return model.eval().requires_grad_(False)

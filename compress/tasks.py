@@ -30,6 +30,7 @@ from compress.inputs import encode_texts, position_ids
 from compress.manifest import TOKENIZER_FILE
 from compress.parity import Case, ParityConfig, open_session
 from compress.source import TEXT_TASKS, Run, Samples, load_tokenizer, run_data_config
+from compress.structured import attention_shape
 from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,14 @@ class TaskExport:
         self.prompts: list[dict[str, np.ndarray]] = []  # causal LMs: prompt batches for the greedy check
         self.generation_ids: dict[str, Any] = {}
         config = model.config
-        self.fusion_args = {"model_type": getattr(config, "model_type", None),
-                            "num_heads": getattr(config, "num_attention_heads", 0) or 0,
-                            "hidden_size": getattr(config, "hidden_size", 0) or 0}
+        # A pruned model's attention layers have fewer heads than its config says: tell the fusions what they are,
+        # or (different in each layer) nothing, so that they fuse only what they can read from the graph.
+        shape = attention_shape(model)
+        if shape == (0, 0):  # no attention layers that tuneforge knows: the config's numbers
+            shape = (getattr(config, "num_attention_heads", 0) or 0, getattr(config, "hidden_size", 0) or 0)
+        heads, width = shape or (0, 0)
+        self.fusion_args = {"model_type": getattr(config, "model_type", None), "num_heads": heads,
+                            "hidden_size": width}
         meta = run.meta
         self.source_run = {"path": str(run.run_dir.resolve()), "base_model": meta.get("base_model"),
                            "step": meta.get("step"), "eval": meta.get("eval")}

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +58,12 @@ def resolve_model_source(name_or_path: str) -> str:
 
 
 def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained`; models go through `finetune.shapes`, which also loads pruned (reshaped) models."""
+    from finetune.shapes import from_pretrained
+
+    load = partial(from_pretrained, loader) if what == "model" else loader.from_pretrained
     try:
-        return loader.from_pretrained(source, **kwargs)
+        return load(source, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else str(err).splitlines()[0]
