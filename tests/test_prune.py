@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAPES, run_recipe
 
 from compress.bundle import ExportConfig, export_bundle
 from compress.errors import StageError
@@ -114,10 +113,8 @@ def test_decoder_heads_and_ffn_pruning_is_exact_and_reloads(arch: str, tiny_gpt2
     groups = find_units(model)
     heads = [i for i, g in enumerate(groups) if g.kind == "heads"]
     ffn = [i for i, g in enumerate(groups) if g.kind == "ffn"]
-    if arch == "llama":  # 4 query heads sharing 2 KV heads: silence a whole KV group here, one query per group there
-        silenced = {heads[0]: [2, 3], heads[1]: [0, 3]}
-    else:
-        silenced = {heads[0]: [1], heads[1]: [0]}
+    # Llama: 4 query heads share 2 KV heads; silence a whole KV group in layer 0, one query per group in layer 1.
+    silenced = {heads[0]: [2, 3], heads[1]: [0, 3]} if arch == "llama" else {heads[0]: [1], heads[1]: [0]}
     silenced.update({ffn[0]: [1, 2], ffn[1]: [0, 7]})
     mask_units_(groups, silenced)
     ids = torch.randint(0, 250, (2, 9))
@@ -324,18 +321,6 @@ def test_prune_run_refuses_what_it_cannot_do(text_run: Path, tmp_path: Path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(StageError, match="already exists"):
         prune_run(text_run, tmp_path / "full", config=PruneConfig(heads=0.5))
-
-
-@pytest.fixture(scope="module")
-def resnet_run(shape_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ResNet trained by the image recipe on the generated shapes (a teacher with its data config)."""
-    out = tmp_path_factory.mktemp("resnet_run") / "run"
-    run_recipe("image_classification", "--config", "recipes/configs/image_classification/resnet_small.yaml",
-               "model.config.embedding_size=8", "model.config.hidden_sizes=[8, 16]", "model.config.depths=[1, 1]",
-               "augment.enabled=false", f"data.train={shape_npz}", f"data.label_names=[{', '.join(SHAPES)}]",
-               f"train.output_dir={out}", "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps=6",
-               "train.epochs=1", "optim.warmup_ratio=0.0")
-    return out
 
 
 def test_image_prune_run_recovers_with_the_image_recipe(resnet_run: Path, tmp_path: Path):
