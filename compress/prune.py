@@ -96,6 +96,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, config: PruneConfig, 
 def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
     """Rounds of prune (+ recover) in `work`; returns the finished run directory (inside `work`)."""
     model = load_model(source)
+    data = RunData(source, batch_size=config.batch_size)  # the same splits in every round (recovery keeps them)
     before, units_before = _count_parameters(model), _unit_counts(model)
     record: dict[str, Any] = {**asdict(config), "source_run": str(source.run_dir.resolve()),
                               "source_eval": source.meta.get("eval"), "parameters_before": before}
@@ -109,7 +110,7 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
             record["sparsity_measured"] = prune_magnitude_(model, config.sparsity * share,
                                                            include_embeddings=config.include_embeddings)
         else:
-            _prune_structured(model, current, config, round_, kept)
+            _prune_structured(model, data, config, round_, kept)
         if not config.recovery_steps:
             break
         current = _recover(model, current, source, work / f"round{round_}", config)
@@ -131,7 +132,7 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
         meta = current.meta
     else:
         final = work / "result"
-        meta = _write_run(model, current, source, final)
+        meta = _write_run(model, current, data, final)
     meta = {**meta, "base_model": source.meta.get("base_model"), "pruning": record}
     write_json(final / MODEL_DIR / TASK_FILE, meta)
     metrics = json.loads((final / "metrics.json").read_text())
@@ -139,7 +140,7 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
     return final
 
 
-def _prune_structured(model: torch.nn.Module, run: Run, config: PruneConfig, round_: int,
+def _prune_structured(model: torch.nn.Module, data: RunData, config: PruneConfig, round_: int,
                       kept: dict[str, list[int]]) -> None:
     """One round: score the units, remove this round's share, describe the new shapes in the config."""
     groups = find_units(model)
@@ -152,8 +153,7 @@ def _prune_structured(model: torch.nn.Module, run: Run, config: PruneConfig, rou
     done, target = (round_ - 1) / config.rounds, round_ / config.rounds
     fractions = {k: 1 - (1 - f * target) / (1 - f * done) for k, f in wanted.items()}
     if config.importance == "gradient":
-        batches = RunData(run, batch_size=config.batch_size).train_batches(config.importance_batches)
-        scores = gradient_scores(model, groups, batches)
+        scores = gradient_scores(model, groups, data.train_batches(config.importance_batches))
     else:
         scores = magnitude_scores(groups)
     for group in groups:
@@ -176,20 +176,23 @@ def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, conf
         raise StageError(f"{source.run_dir} has no config.yaml: recovery reruns its recipe with its settings; "
                          "set recovery_steps: 0")
     steps = config.recovery_steps
-    args = ["--config", str(config_file), f"model.name_or_path={(pruned / MODEL_DIR).resolve()}",
+    # A distilled run recovers by distillation from its teacher (its config.yaml is recipes/distill.py's).
+    recipe, model_key = ("distill", "student") if "teacher" in (source.config or {}) else (
+        TASK_RECIPES[source.task], "model")
+    args = ["--config", str(config_file), f"{model_key}.name_or_path={(pruned / MODEL_DIR).resolve()}",
             f"train.output_dir={(work / 'run').resolve()}", "train.overwrite=true", "checkpoint.resume_from=null",
             # epochs >= steps, so that max_steps ends the recovery
             f"train.max_steps={steps}", f"train.epochs={steps}"]
     if source.task == "image-classification":
-        args.append("model.config={}")  # the architecture comes from the pruned model's own config
-    run_recipe(TASK_RECIPES[source.task], [*args, *config.recovery_overrides], log=work / "recipe.log")
+        args.append(f"{model_key}.config={{}}")  # the architecture comes from the pruned model's own config
+    run_recipe(recipe, [*args, *config.recovery_overrides], log=work / "recipe.log")
     shutil.rmtree(pruned)
     return read_run(work / "run")
 
 
-def _write_run(model: torch.nn.Module, current: Run, source: Run, out: Path) -> dict[str, Any]:
+def _write_run(model: torch.nn.Module, current: Run, data: RunData, out: Path) -> dict[str, Any]:
     """A run directory for a model that was not trained after pruning: model/, metrics.json, config.yaml."""
-    metrics = RunData(current, batch_size=64).evaluate(model) if _has_data(current) else {}
+    metrics = data.evaluate(model) if _has_data(current) else {}
     meta = {**current.meta, "eval": metrics}
     _save_model_dir(model, current, out / MODEL_DIR, meta)
     write_json(out / "metrics.json", {"eval": metrics})

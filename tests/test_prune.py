@@ -335,3 +335,22 @@ def test_image_prune_run_recovers_with_the_image_recipe(resnet_run: Path, tmp_pa
     assert json.loads((out / "metrics.json").read_text())["eval"]["num_examples"] == 17
     manifest = export_bundle(out, tmp_path / "bundle")
     assert manifest.variants["fp32"]["parity"]["passed"]
+
+
+def test_causal_lm_prune_run_exports_a_decoder_with_cache(tmp_path: Path):
+    """A Llama causal-LM run (GQA) pruned uniformly: its config describes it, and the KV-cache decoder export passes
+    parity and greedy generation agrees with PyTorch."""
+    from conftest import make_causal_lm_run
+
+    run = make_causal_lm_run(tmp_path / "run", arch="llama")
+    out = prune_run(run, tmp_path / "pruned", config=PruneConfig(heads=0.5, ffn=0.25, importance_batches=1,
+                                                                 batch_size=4))
+    meta = json.loads((out / "model" / "tuneforge.json").read_text())
+    assert meta["pruning"]["units"] == {"heads": {"before": 8, "after": 4}, "ffn": {"before": 128, "after": 96}}
+    assert meta["eval"]["perplexity"] > 1 and meta["generation"]["max_new_tokens"] == 32
+    assert SHAPES_KEY not in json.loads((out / "model" / "config.json").read_text())
+    manifest = export_bundle(out, tmp_path / "bundle")
+    parity = manifest.variants["fp32"]["parity"]
+    assert parity["passed"] and all(c["equal"] for c in parity["graphs"]["generation"]["cases"])
+    with pytest.raises(StageError, match="use scope: layer"):
+        prune_run(run, tmp_path / "global", config=PruneConfig(heads=0.5, scope="global"))
