@@ -27,7 +27,7 @@ from compress.errors import StageError
 from compress.launch import TASK_RECIPES, run_recipe, temp_dir_near
 from compress.run_data import RunData
 from compress.source import Run, load_model, read_run
-from compress.sparsity import measure_sparsity, prune_magnitude_
+from compress.sparsity import prune_magnitude_
 from compress.structured import KINDS, find_units, gradient_scores, magnitude_scores, prune_units_, update_config_
 from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
 from finetune.shapes import record_shapes_
@@ -116,18 +116,17 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
         current = _recover(model, current, source, work / f"round{round_}", config)
         recovered = True
     if config.method == "unstructured" and recovered:
-        # The recipes' optimizers do not keep masks: recovery regrows some zeros; prune the recovered weights again.
+        # The recipes' optimizers do not keep masks: recovery regrows some zeros; prune the recovered weights again
+        # (so the result is evaluated here, not by the recipe).
         model = load_model(current)
         record["sparsity_measured"] = prune_magnitude_(model, config.sparsity,
                                                        include_embeddings=config.include_embeddings)
-        recovered = False
     if config.method == "structured":
         after = _unit_counts(model)
         record["units"] = {k: {"before": n, "after": after[k]} for k, n in units_before.items()}
         record["kept"] = kept
     record["parameters_after"] = _count_parameters(model)
-    record["sparsity_after"] = measure_sparsity(model)["sparsity"]
-    if recovered:  # the last recovery run is the result: the recipe wrote model/, metrics.json, config.yaml
+    if recovered and config.method == "structured":  # the recipe's run is the result: model/, metrics.json, ...
         final = current.run_dir
         meta = current.meta
     else:

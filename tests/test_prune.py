@@ -300,8 +300,11 @@ def test_prune_run_with_iterative_recovery_by_the_recipe_then_export(text_run: P
     assert fused.get("Attention") == 2  # told the pruned head count, ONNX Runtime fuses both layers
 
 
-def test_unstructured_prune_run_evaluates_without_recovery(text_run: Path, tmp_path: Path):
-    out = prune_run(text_run, tmp_path / "sparse", config=PruneConfig(method="unstructured", sparsity=0.5))
+def test_unstructured_prune_run_is_pruned_again_after_recovery(text_run: Path, tmp_path: Path):
+    """Recovery training regrows pruned weights (the recipes keep no masks); the result is pruned to the target again
+    and evaluated here."""
+    out = prune_run(text_run, tmp_path / "sparse", config=PruneConfig(
+        method="unstructured", sparsity=0.5, recovery_steps=2, recovery_overrides=["train.batch_size=8"]))
     meta = json.loads((out / "model" / "tuneforge.json").read_text())
     assert meta["pruning"]["sparsity_measured"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
     metrics = json.loads((out / "metrics.json").read_text())["eval"]
