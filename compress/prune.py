@@ -28,7 +28,8 @@ from compress.launch import TASK_RECIPES, run_recipe, temp_dir_near
 from compress.run_data import RunData
 from compress.source import Run, load_model, read_run
 from compress.sparsity import prune_magnitude_
-from compress.structured import KINDS, find_units, gradient_scores, magnitude_scores, prune_units_, update_config_
+from compress.structured import gradient_scores, magnitude_scores, prune_units_
+from compress.units import KINDS, find_units, update_config_
 from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
 from finetune.shapes import record_shapes_
 

@@ -4,7 +4,6 @@ gradient importance scores) and the eval-split metrics of a compressed model, sc
 from __future__ import annotations
 
 import itertools
-import logging
 from typing import Any
 
 import torch
@@ -12,8 +11,6 @@ import torch
 from compress.errors import StageError
 from compress.source import TEXT_TASKS, Run, load_samples, load_tokenizer, run_data_config
 from finetune.config import config_from_dict
-
-logger = logging.getLogger(__name__)
 
 LM_MAX_TOKENS = 128  # causal-LM sample texts are cut to this many tokens
 

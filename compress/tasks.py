@@ -30,7 +30,7 @@ from compress.inputs import encode_texts, position_ids
 from compress.manifest import TOKENIZER_FILE
 from compress.parity import Case, ParityConfig, open_session
 from compress.source import TEXT_TASKS, Run, Samples, load_tokenizer, run_data_config
-from compress.structured import attention_shape
+from compress.units import attention_shape
 from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from conftest import REPO
 SUBMODULES = ["config", "data", "models", "optim", "metrics", "checkpoint", "evaluation", "tracking", "plots",
               "rundir", "errors", "image_preprocessing", "image_data", "image_augment", "vision_models", "shapes"]
 COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
-                       "bundle", "structured", "sparsity", "prune", "distill", "launch", "run_data"]
+                       "bundle", "units", "structured", "sparsity", "prune", "distill", "launch", "run_data"]
 # What serve.runtime may import (no torch, transformers or datasets).
 TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing"]
 HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx"]

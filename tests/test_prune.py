@@ -15,15 +15,8 @@ from compress.errors import StageError
 from compress.prune import PruneConfig, prune_run
 from compress.source import load_model, read_run
 from compress.sparsity import measure_sparsity, prune_magnitude_
-from compress.structured import (
-    attention_shape,
-    find_units,
-    gradient_scores,
-    magnitude_scores,
-    mask_units_,
-    prune_units_,
-    update_config_,
-)
+from compress.structured import gradient_scores, magnitude_scores, mask_units_, prune_units_
+from compress.units import attention_shape, find_units, update_config_
 from finetune.shapes import SHAPES_KEY, from_pretrained, record_shapes_
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
