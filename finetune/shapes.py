@@ -20,7 +20,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SHAPES_KEY = "tuneforge_shapes"
-_LOADING_KWARGS = ("use_safetensors", "ignore_mismatched_sizes", "attn_implementation", "trust_remote_code")
+# from_pretrained arguments that are not config overrides; `from_pretrained` below passes the build ones on.
+_LOADING_KWARGS = ("use_safetensors", "ignore_mismatched_sizes", "trust_remote_code", "attn_implementation", "dtype")
 
 
 def shape_record(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -85,7 +86,7 @@ def from_pretrained(loader: Any, source: str | Path, **kwargs: Any) -> Any:
     loading = {k: kwargs.pop(k) for k in _LOADING_KWARGS if k in kwargs}
     remote = loading.get("trust_remote_code", False)
     config = AutoConfig.from_pretrained(source, trust_remote_code=remote, **kwargs)
-    build = {"attn_implementation": loading["attn_implementation"]} if "attn_implementation" in loading else {}
+    build = {k: loading[k] for k in ("attn_implementation", "dtype") if k in loading}
     model = loader.from_config(config, trust_remote_code=remote, **build)
     apply_shapes_(model, getattr(config, SHAPES_KEY))
     _load_safetensors(model, Path(source), ignore_mismatched_sizes=loading.get("ignore_mismatched_sizes", False))
