@@ -2,6 +2,7 @@
 
     python bench/prune_distill.py                        # trains the teacher first (4,000 SST-2 sentences)
     python bench/prune_distill.py --teacher runs/sst2    # an existing SST-2 text-classification run
+    python bench/prune_distill.py --teacher T --pruned P --distilled D    # measure existing runs only
 
 Rows: the teacher (all-MiniLM-L6-v2 fine-tuned by recipes/text_classification.py), the pruned model
 (compress.prune.prune_run: --heads / --ffn of each layer's attention heads and FFN neurons removed by gradient
@@ -66,8 +67,7 @@ def measure(name: str, run: Path, bundle: Path, sentences: list[str], args: argp
 
     torch.set_num_threads(args.threads)
     meta = json.loads((run / "model" / "tuneforge.json").read_text())
-    if not bundle.exists():
-        export_bundle(run, bundle, config=ExportConfig(optimize=True))
+    export_bundle(run, bundle, config=ExportConfig(optimize=True), overwrite=True)
     manifest = read_manifest(bundle, verify=False)
     model = load_model(read_run(run))
     from tokenizers import Tokenizer
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--teacher", default=None, help="an SST-2 text-classification run (default: train one)")
     parser.add_argument("--train-samples", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--pruned", default=None, help="an existing pruned run (default: prune the teacher)")
+    parser.add_argument("--distilled", default=None, help="an existing distilled run (default: distil the teacher)")
     parser.add_argument("--heads", type=float, default=0.35, help="share of each layer's heads to remove")
     parser.add_argument("--ffn", type=float, default=0.35, help="share of each layer's FFN neurons to remove")
     parser.add_argument("--recovery-steps", type=int, default=250)
@@ -118,28 +120,33 @@ def main() -> None:
     teacher = Path(args.teacher) if args.teacher else work / "teacher"
     if not args.teacher:
         walls["teacher"] = train_teacher(args, teacher)
-    start = time.perf_counter()
-    pruned = prune_run(teacher, work / "pruned", overwrite=True, config=PruneConfig(
-        heads=args.heads, ffn=args.ffn, recovery_steps=args.recovery_steps))
-    walls["pruned"] = time.perf_counter() - start
-    start = time.perf_counter()
-    student = distill_run(teacher, work / "distilled", overwrite=True,
-                          config=DistillConfig(config_file=str(DISTILL_CONFIG)))
-    walls["distilled"] = time.perf_counter() - start
+    pruned, student = Path(args.pruned or work / "pruned"), Path(args.distilled or work / "distilled")
+    if not args.pruned:
+        start = time.perf_counter()
+        prune_run(teacher, pruned, overwrite=True, config=PruneConfig(
+            heads=args.heads, ffn=args.ffn, recovery_steps=args.recovery_steps))
+        walls["pruned"] = time.perf_counter() - start
+    if not args.distilled:
+        start = time.perf_counter()
+        distill_run(teacher, student, overwrite=True, config=DistillConfig(config_file=str(DISTILL_CONFIG)))
+        walls["distilled"] = time.perf_counter() - start
 
     sentences = [line.rsplit("\t", 1)[0] for line in Path(f"{args.data}/test.tsv").read_text().splitlines()[1:]]
     rows = []
     for name, run in (("teacher", teacher), ("pruned", pruned), ("distilled", student)):
         rows.append({**measure(name, run, work / f"bundle_{name}", sentences, args),
-                     "make_seconds": round(walls.get(name, 0.0), 1)})
+                     "make_seconds": round(walls[name], 1) if name in walls else None})
     base = rows[0]
     for row in rows:
         row["accuracy_delta_points"] = round(100 * (row["accuracy"] - base["accuracy"]), 2)
         row["accuracy_vs_teacher"] = round(row["accuracy"] / base["accuracy"], 4)
         row["speedup"] = {k: round(base["latency"][k]["p50_ms"] / v["p50_ms"], 3) for k, v in row["latency"].items()}
     pruning = json.loads((pruned / "model" / "tuneforge.json").read_text())["pruning"]
+    distillation = json.loads((student / "model" / "tuneforge.json").read_text())["distillation"]
     result = {"benchmark": "prune_distill", "settings": vars(args), "machine": machine(),
-              "pruning": {k: pruning[k] for k in ("units", "parameters_before", "parameters_after")}, "rows": rows}
+              "pruning": {k: pruning[k] for k in ("units", "parameters_before", "parameters_after", "recovery_steps")},
+              "distillation": {k: distillation[k] for k in ("student", "alpha", "temperature", "cache_teacher_logits")},
+              "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
