@@ -50,8 +50,9 @@ class TaskExport:
         self.prompts: list[dict[str, np.ndarray]] = []  # causal LMs: prompt batches for the greedy check
         self.generation_ids: dict[str, Any] = {}
         config = model.config
-        # A pruned model's attention layers have fewer heads than its config says: tell the fusions what they are,
-        # or (different in each layer) nothing, so that they fuse only what they can read from the graph.
+        # A pruned model's attention layers have fewer heads than its config says: tell the fusions how many. With a
+        # different count in each layer, tell them nothing: they cannot read it from the graph and leave attention
+        # unfused (the other fusions still apply).
         shape = attention_shape(model)
         if shape == (0, 0):  # no attention layers that tuneforge knows: the config's numbers
             shape = (getattr(config, "num_attention_heads", 0) or 0, getattr(config, "hidden_size", 0) or 0)

@@ -305,6 +305,18 @@ def test_unstructured_prune_run_is_pruned_again_after_recovery(text_run: Path, t
     assert measure_sparsity(load_model(read_run(out)))["sparsity"] == pytest.approx(0.5, abs=1e-4)
 
 
+def test_layers_with_different_head_counts_export_without_attention_fusion(text_run: Path, tmp_path: Path):
+    out = prune_run(text_run, tmp_path / "pruned", config=PruneConfig(heads=0.25, scope="global",
+                                                                      importance="magnitude"))
+    heads = [len(v) for k, v in json.loads((out / "model" / "tuneforge.json").read_text())["pruning"]["kept"].items()
+             if k.endswith(".attention")]
+    assert sorted(heads) == [1, 2]
+    manifest = export_bundle(out, tmp_path / "bundle", config=ExportConfig(optimize=True))
+    optimized = manifest.variants["optimized"]
+    assert optimized["parity"]["passed"]
+    assert "Attention" not in optimized["optimization"]["graphs"]["model"]["fused_ops"]
+
+
 def test_prune_run_refuses_what_it_cannot_do(text_run: Path, tmp_path: Path):
     with pytest.raises(StageError, match="no channels that tuneforge can prune"):
         prune_run(text_run, tmp_path / "a", config=PruneConfig(channels=0.5, importance="magnitude"))
