@@ -22,3 +22,8 @@ def require(module: str, *, extra: str = "export") -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise ExportError(f"{module.split('.')[0]} is not installed; pip install 'tuneforge[{extra}]'") from None
+
+
+class StageError(TuneforgeError):
+    """A compression stage (pruning, distillation) cannot run: its settings, the run it starts from, or the recipe
+    it runs is at fault; the message says which."""

@@ -1,7 +1,7 @@
 """The compress pipeline: a run directory through a list of stages to one bundle and its trade-off report.
 
     python -m compress run --config recipes/configs/compress/text_default.yaml [key.sub=value ...]
-    python recipes/compress.py --config recipes/configs/compress/text_default.yaml      # the same code
+    python recipes/compression.py --config recipes/configs/compress/text_default.yaml      # the same code
 
 The config's `stages` are applied in order; each entry names one stage kind and its settings (`- quantize: {...}`):
 
@@ -12,10 +12,15 @@ The config's `stages` are applied in order; each entry names one stage kind and 
     quantize  an int8 variant (compress.quantize.QuantizeConfig) behind the numeric and task-metric gates; a variant
               that fails every rung of the ladder is dropped and recorded under the manifest's `rejected`
 
-Run-to-run stages (pruning, distillation) take the current run directory and write a new one; the stages after them
-work on the new model and, when the bundle already holds another model, prefix their variant names with the stage's
-("pruned-fp32", "pruned-int8-dynamic"). Such a stage is one entry of STAGES:
-`"prune": StageKind(PruneConfig, transform_stage(prune_run, "pruned"), new_model=True)`.
+    prune     a pruned run (compress.prune.PruneConfig: structured heads / FFN neurons / channels, or unstructured),
+              with its recovery fine-tune
+    distill   a distilled student run (compress.distill.DistillConfig) with the current run as its teacher
+    source    back to the source run: `- prune: {...}`, `- export: {}`, `- source: {}`, `- distill: {...}` puts a
+              pruned and a distilled model of the same run side by side in one report
+
+Run-to-run stages (prune, distill) take the current run directory and write a new one (kept in `<out>-runs/`); the
+stages after them work on the new model and, when the bundle already holds another model, prefix their variant names
+with the stage's ("pruned-fp32", "pruned-int8-dynamic").
 
 After the stages: every variant and baseline is timed on the same inputs (compress.latency), the default variant is
 chosen, and report.md / report.json / tradeoff.png are written (compress.report). The bundle is built in a temp folder
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bundle import ExportConfig, Exported, add_variant, edit_manifest, export_run, optimize_variant, staged
+from compress.distill import DistillConfig, distill_run
 from compress.errors import ExportError
 from compress.export import DEFAULT_OPSET
 from compress.latency import LatencyConfig, measure, ort_runner, torch_runner
@@ -43,6 +49,7 @@ from compress.manifest import BundleError, Manifest, read_manifest
 from compress.metric_gate import GateConfig
 from compress.optimize import DEFAULT_SKIP_FUSIONS, session_settings
 from compress.parity import ParityConfig
+from compress.prune import PruneConfig, prune_run
 from compress.quantize import QuantizeConfig, quantize_gated, quantize_torch_dynamic
 from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
@@ -58,6 +65,11 @@ class TorchStage:
 
     int8_dynamic: bool = True  # also torch.ao dynamic int8 of the Linear layers (compress.quantize)
     evaluate: bool = True  # score each on the eval split (the report's metric column)
+
+
+@dataclass
+class SourceStage:
+    """Go back to the source run: the next run-to-run stage starts from it instead of from the last new model."""
 
 
 @dataclass
@@ -173,6 +185,8 @@ def plan_stages(entries: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """Typed settings for every stage entry, checked before any work: one kind per entry, known kinds and keys, an
     export before the stages that need graphs, no two variants with one name."""
     plan, exported, names = [], False, set()
+    source_state: tuple[bool, set[str]] | None = None  # the source model's (exported, names) once another came
+    prefixes: list[str] = []  # one per run-to-run stage: a name used twice would overwrite the other's variants
     for i, entry in enumerate(entries):
         where = f"stages[{i}]"
         if not isinstance(entry, dict) or len(entry) != 1:
@@ -187,6 +201,20 @@ def plan_stages(entries: list[dict[str, Any]]) -> list[tuple[str, Any]]:
         settings = config_from_dict(STAGES[kind].config, options or {}, prefix=f"{where}.{kind}.")
         if kind in ("optimize", "quantize") and not exported:
             raise ConfigError(f"{where}: a {kind} stage needs an export stage of the same model before it")
+        if kind == "source":
+            if source_state is None:
+                raise ConfigError(f"{where}: a source stage goes back to the source run after a prune or distill "
+                                  "stage; there is none before it")
+            exported, names = source_state
+            plan.append((kind, settings))
+            continue
+        if STAGES[kind].new_model:
+            if kind in prefixes:
+                raise ConfigError(f"{where}: a second {kind} stage would overwrite the first one's run and variants; "
+                                  "use one per config")
+            prefixes.append(kind)
+            source_state = source_state or (exported, names)
+            names = set()
         exported = (exported or kind == "export") and not STAGES[kind].new_model
         name = settings.name if kind == "quantize" else None
         if name is not None:
@@ -298,11 +326,19 @@ def transform_stage(fn: Callable[..., Any], prefix: str) -> Callable[[Pipeline, 
     return apply
 
 
+def source_stage(p: Pipeline, cfg: SourceStage) -> None:
+    """The stages after this one work on the source run again (e.g. distill it after pruning it)."""
+    p.lineage = p.source
+
+
 STAGES: dict[str, StageKind] = {
     "torch": StageKind(TorchStage, torch_stage),
     "export": StageKind(ExportStage, export_stage),
     "optimize": StageKind(OptimizeStage, optimize_stage),
     "quantize": StageKind(QuantizeConfig, quantize_stage),
+    "source": StageKind(SourceStage, source_stage),
+    "prune": StageKind(PruneConfig, transform_stage(prune_run, "pruned"), new_model=True),
+    "distill": StageKind(DistillConfig, transform_stage(distill_run, "distilled"), new_model=True),
 }
 
 

@@ -90,6 +90,8 @@ def load_model(run: Run, *, attn_implementation: str | None = "eager") -> Any:
     None keeps transformers' default (sdpa), the fastest eager PyTorch baseline."""
     import transformers
 
+    from finetune.shapes import from_pretrained
+
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if run.task == "image-classification":
         loader = transformers.AutoModelForImageClassification
@@ -100,7 +102,7 @@ def load_model(run: Run, *, attn_implementation: str | None = "eager") -> Any:
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
     try:
-        model = loader.from_pretrained(run.model_dir, **kwargs)
+        model = from_pretrained(loader, run.model_dir, **kwargs)  # pruned models too
     except (OSError, ValueError, KeyError) as err:
         raise ExportError(f"cannot load the {run.task} model in {run.model_dir}: {str(err).splitlines()[0]}") from None
     return model.eval().requires_grad_(False)

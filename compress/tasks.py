@@ -33,6 +33,7 @@ from compress.inputs import encode_texts, position_ids
 from compress.manifest import TOKENIZER_FILE
 from compress.parity import Case, ParityConfig, open_session
 from compress.source import TEXT_TASKS, Run, Samples, image_splits, load_tokenizer, run_data_config, text_splits
+from compress.units import attention_shape
 from finetune.image_preprocessing import PreprocessingSpec, normalize, preprocess_batch, to_model_pixels_batch
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,15 @@ class TaskExport:
         self.prompts: list[dict[str, np.ndarray]] = []  # causal LMs: prompt batches for the greedy check
         self.generation_ids: dict[str, Any] = {}
         config = model.config
-        self.fusion_args = {"model_type": getattr(config, "model_type", None),
-                            "num_heads": getattr(config, "num_attention_heads", 0) or 0,
-                            "hidden_size": getattr(config, "hidden_size", 0) or 0}
+        # A pruned model's attention layers have fewer heads than its config says: tell the fusions how many. With a
+        # different count in each layer, tell them nothing: they cannot read it from the graph and leave attention
+        # unfused (the other fusions still apply).
+        shape = attention_shape(model)
+        if shape == (0, 0):  # no attention layers that tuneforge knows: the config's numbers
+            shape = (getattr(config, "num_attention_heads", 0) or 0, getattr(config, "hidden_size", 0) or 0)
+        heads, width = shape or (0, 0)
+        self.fusion_args = {"model_type": getattr(config, "model_type", None), "num_heads": heads,
+                            "hidden_size": width}
         meta = run.meta
         self.source_run = {"path": str(run.run_dir.resolve()), "base_model": meta.get("base_model"),
                            "step": meta.get("step"), "eval": meta.get("eval")}

@@ -380,13 +380,15 @@ class ImageArrayDataset(torch.utils.data.Dataset):
     """Prepared uint8 images in memory; a batch is gathered with one index and normalised as a whole.
 
     `__getitems__` lets the DataLoader fetch a whole batch at once (no per-image Python work), so feeding the
-    model costs far less than a training step even for MNIST-sized images.
+    model costs far less than a training step even for MNIST-sized images. `extras`: more per-image arrays that
+    batches carry under their names (e.g. a teacher's cached logits for distillation).
     """
 
-    def __init__(self, split: ImageSet, spec: PreprocessingSpec):
+    def __init__(self, split: ImageSet, spec: PreprocessingSpec, extras: dict[str, np.ndarray] | None = None):
         self.pixels = split.images
         self.labels = split.labels
         self.spec = spec
+        self.extras = extras or {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -394,7 +396,8 @@ class ImageArrayDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         index = np.asarray(indices)
         return {"pixel_values": torch.from_numpy(normalize(self.pixels[index], self.spec)),
-                "labels": torch.from_numpy(self.labels[index])}
+                "labels": torch.from_numpy(self.labels[index]),
+                **{name: torch.from_numpy(values[index]) for name, values in self.extras.items()}}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.__getitems__([index])
@@ -407,11 +410,13 @@ def _batched(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_image_dataloaders(splits: dict[str, ImageSet], spec: PreprocessingSpec, *, batch_size: int,
-                            eval_batch_size: int, seed: int, num_processes: int) -> tuple[Any, Any]:
-    """Train loader (shuffled by (seed, epoch), so a resumed run sees the same batches) and eval loader (in order)."""
+                            eval_batch_size: int, seed: int, num_processes: int,
+                            train_extras: dict[str, np.ndarray] | None = None) -> tuple[Any, Any]:
+    """Train loader (shuffled by (seed, epoch), so a resumed run sees the same batches) and eval loader (in order);
+    `train_extras`: per-image arrays of the train split that its batches carry too."""
     from torch.utils.data import DataLoader
 
-    train = ImageArrayDataset(splits["train"], spec)
+    train = ImageArrayDataset(splits["train"], spec, train_extras)
     sampler = EpochSampler(len(train), seed=seed, global_batch_size=batch_size * num_processes)
     train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=_batched,
                               generator=torch.Generator().manual_seed(seed))

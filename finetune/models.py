@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,8 +136,12 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
 
 
 def _from_pretrained(loader: Any, source: str, what: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained`; models go through `finetune.shapes`, which also loads pruned (reshaped) models."""
+    from finetune.shapes import from_pretrained
+
+    load = partial(from_pretrained, loader) if what == "model" else loader.from_pretrained
     try:
-        return loader.from_pretrained(source, **kwargs)
+        return load(source, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else str(err).splitlines()[0]

@@ -365,6 +365,19 @@ def image_data_run(shape_npz: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return run
 
 
+@pytest.fixture(scope="session")
+def resnet_run(shape_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished image-classification run: a tiny ResNet (inner widths 8 and 16) trained 6 steps by the shipped
+    resnet_small.yaml on the generated shapes, with its data config (a teacher / pruning source for compress)."""
+    out = tmp_path_factory.mktemp("resnet_run") / "run"
+    run_recipe("image_classification", "--config", "recipes/configs/image_classification/resnet_small.yaml",
+               "model.config.embedding_size=8", "model.config.hidden_sizes=[8, 16]", "model.config.depths=[1, 1]",
+               "augment.enabled=false", f"data.train={shape_npz}", f"data.label_names=[{', '.join(SHAPES)}]",
+               f"train.output_dir={out}", "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps=6",
+               "train.epochs=1", "optim.warmup_ratio=0.0")
+    return out
+
+
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run `recipes/<recipe>.py` in a subprocess from the repo root (as a user would), capturing output."""

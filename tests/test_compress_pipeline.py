@@ -30,8 +30,8 @@ def recipe_bundle(text_run: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     """bundles/text_default's stages (torch baselines, export, optimize, dynamic and static int8) on the tiny run."""
     out = tmp_path_factory.mktemp("pipeline") / "bundle"
     # 17 eval rows: one flipped prediction is a 6% drop, so the tiny run gets a looser gate than the YAML's 1%.
-    proc = run_recipe("compress", "--config", str(CONFIGS / "text_default.yaml"), f"run_dir={text_run}", f"out={out}",
-                      *QUICK, "gate.max_relative_drop=0.2")
+    proc = run_recipe("compression", "--config", str(CONFIGS / "text_default.yaml"), f"run_dir={text_run}",
+                      f"out={out}", *QUICK, "gate.max_relative_drop=0.2")
     return out, proc.stdout
 
 
@@ -176,6 +176,36 @@ def test_a_run_to_run_stage_adds_the_new_models_variants(text_run: Path, tmp_pat
     assert manifest.data["compress"]["baselines"]["copied-torch-fp32"]["derived"] == derived
     # The copy scores like the original: the same model on the same eval split.
     assert manifest.variants["copied-fp32"]["metrics"]["accuracy"] == manifest.variants["fp32"]["metrics"]["accuracy"]
+
+
+def test_prune_and_distill_stages_put_three_models_in_one_report(text_run: Path, tmp_path: Path):
+    """The real run-to-run stages: a pruned model and, back from the source, a distilled one, each exported and
+    quantized next to the source's variants."""
+    out = tmp_path / "bundle"
+    quick = LatencyConfig(runs=2, rounds=1, warmup=0, batch_sizes=[1])
+    manifest = run_pipeline(CompressConfig(
+        run_dir=str(text_run), out=str(out), latency=quick, gate=GateConfig(max_relative_drop=0.5),
+        stages=[{"export": {}}, {"quantize": {}},
+                {"prune": {"heads": 0.5, "ffn": 0.5, "importance": "magnitude"}}, {"export": {}}, {"quantize": {}},
+                {"source": {}},
+                {"distill": {"student_layers": [1], "max_steps": 2, "overrides": ["train.batch_size=8"]}},
+                {"export": {}}]))
+    assert list(manifest.variants) == ["fp32", "int8-dynamic", "pruned-fp32", "pruned-int8-dynamic",
+                                       "distilled-fp32"]
+    pruned, distilled = manifest.variants["pruned-fp32"]["derived"], manifest.variants["distilled-fp32"]["derived"]
+    assert pruned["stage"] == "pruned" and distilled["stage"] == "distilled"
+    assert pruned["from"] == distilled["from"] == str(text_run.resolve())  # both from the source run
+    sizes = {name: v["size_bytes"] for name, v in manifest.variants.items()}
+    assert sizes["pruned-fp32"] < sizes["fp32"] and sizes["distilled-fp32"] < sizes["fp32"]
+    report = json.loads((out / "report.json").read_text())
+    assert {"pruned-fp32", "distilled-fp32"} <= {row["name"] for row in report["rows"]}
+    with pytest.raises(ConfigError, match=r"stages\[0\]: a source stage goes back"):
+        plan_stages([{"source": {}}])
+    with pytest.raises(ConfigError, match=r"stages\[2\]: a second prune stage would overwrite"):
+        plan_stages([{"prune": {"heads": 0.5}}, {"source": {}}, {"prune": {"ffn": 0.5}}])
+    # Each model names its own int8 variant: the same name is fine across models.
+    assert len(plan_stages([{"export": {}}, {"quantize": {}}, {"prune": {"heads": 0.5}}, {"export": {}},
+                            {"quantize": {}}])) == 5
 
 
 # --- the command line ----------------------------------------------------------------------------------------------

@@ -279,3 +279,19 @@ def test_shift_moves_whole_pixels_and_fills_with_black():
         border[max(0, -dy):12 - max(0, dy), max(0, -dx):12 - max(0, dx)] = False
         assert torch.allclose(after[border], torch.tensor(black), atol=1e-5)
     assert shifted > 40  # 24 of 25 offsets move the image
+
+
+def test_train_batches_carry_per_image_extras(shape_npz):
+    """An extra per-image array (e.g. a teacher's cached logits) travels with its image through the shuffle."""
+    loaded, _ = load_image_splits(ImageDataConfig(train=str(shape_npz)), seed=0)
+    spec = resolve_preprocessing(ImageDataConfig(), loaded["train"])
+    splits = prepare_images(loaded, spec)
+    index = np.arange(len(splits["train"]))
+    loader, eval_loader = build_image_dataloaders(splits, spec, batch_size=8, eval_batch_size=8, seed=5,
+                                                  num_processes=1, train_extras={"index": index})
+    batches = list(loader)
+    seen = torch.cat([b["index"] for b in batches])
+    assert sorted(seen.tolist()) == index.tolist() and seen.tolist() != index.tolist()
+    for batch in batches:
+        np.testing.assert_array_equal(batch["labels"].numpy(), splits["train"].labels[batch["index"].numpy()])
+    assert "index" not in next(iter(eval_loader))

@@ -11,9 +11,10 @@ from conftest import REPO
 
 SUBMODULES = ["config", "data", "lm_data", "models", "lora", "generation", "optim", "metrics", "checkpoint",
               "evaluation", "tracking", "plots", "rundir", "errors", "image_preprocessing", "image_data",
-              "image_augment", "vision_models"]
+              "image_augment", "vision_models", "shapes"]
 COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
-                       "bundle", "metric_gate", "quantize", "latency", "report", "pipeline"]
+                       "bundle", "metric_gate", "quantize", "latency", "report", "pipeline", "units", "structured",
+                       "sparsity", "prune", "distill", "launch", "run_data"]
 # What serve.runtime may import (no torch, transformers or datasets).
 TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
               "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]

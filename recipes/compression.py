@@ -1,10 +1,10 @@
 """Compress a finished run into a bundle of verified ONNX variants with a trade-off report.
 
-    python recipes/compress.py --config recipes/configs/compress/text_default.yaml
-    python recipes/compress.py --config recipes/configs/compress/mnist_cnn.yaml latency.threads=2
-    python recipes/compress.py --config recipes/configs/compress/causal_lm.yaml run_dir=runs/causal_lm/mine
+    python recipes/compression.py --config recipes/configs/compress/text_default.yaml
+    python recipes/compression.py --config recipes/configs/compress/mnist_cnn.yaml latency.threads=2
+    python recipes/compression.py --config recipes/configs/compress/causal_lm.yaml run_dir=runs/causal_lm/mine
     python -m compress run --config recipes/configs/compress/text_default.yaml    # the same code, from the package
-    python recipes/compress.py --help                                            # every config key with its default
+    python recipes/compression.py --help                                            # every config key with its default
 
 The config names the run directory and lists the stages to apply, in order (compress/pipeline.py describes them):
 `torch` measures the PyTorch baselines (fp32 eager, dynamic int8), `export` writes the parity-gated fp32 graphs,
@@ -17,17 +17,12 @@ and `out` receives the bundle with report.md, report.json and tradeoff.png. Noth
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-# This script shares its name with the `compress` package, and Python puts a script's own folder first on the import
-# path: without this line `import compress` would import this file.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from compress.manifest import Manifest  # noqa: E402
-from compress.pipeline import CompressConfig, run_pipeline  # noqa: E402
-from finetune.config import parse_config  # noqa: E402
-from finetune.errors import exit_on_user_error  # noqa: E402
+from compress.manifest import Manifest
+from compress.pipeline import CompressConfig, run_pipeline
+from finetune.config import parse_config
+from finetune.errors import exit_on_user_error
 
 Config = CompressConfig  # run_dir, out, stages, data overrides, gate, latency, default_variant, report
 
