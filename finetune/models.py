@@ -157,6 +157,21 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
     return _from_pretrained(AutoTokenizer, source, "tokenizer", trust_remote_code=cfg.trust_remote_code)
 
 
+def fit_max_length(cfg: ModelConfig, tokenizer: Any, requested: int) -> int:
+    """`requested` tokens, capped at what the model takes: its position table and its tokenizer's model_max_length
+    (a longer setting would crash on long texts, or export a graph that does)."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, resolve_model_source(cfg.name_or_path), "config",
+                              trust_remote_code=cfg.trust_remote_code)
+    limits = [n for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
+              if isinstance(n, int) and 0 < n < 1_000_000]
+    if limits and min(limits) < requested:
+        logger.warning("data.max_length=%d is longer than the model takes; using %d", requested, min(limits))
+        return min(limits)
+    return requested
+
+
 def build_sequence_classifier(cfg: ModelConfig, *, label_names: list[str] | None,
                               problem_type: Literal["single_label_classification", "regression"]) -> Any:
     """A sequence classifier (or regressor: one output) on top of a pretrained encoder, loaded from safetensors."""

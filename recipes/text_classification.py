@@ -17,12 +17,12 @@ from typing import Any, Literal
 from transformers import DataCollatorWithPadding
 
 from finetune.checkpoint import CheckpointConfig, CheckpointManager, EarlyStoppingConfig, TrainState, read_train_state
-from finetune.config import config_to_dict, parse_config
+from finetune.config import config_to_dict, parse_config, save_config
 from finetune.data import TextDataConfig, build_dataloaders, encode_labels, load_raw_splits, tokenize_splits
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import predict, score_classifier, score_regressor
 from finetune.loop import LossMeter, StepClock, TrainConfig, select_and_stop, start_run, write_results
-from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer
+from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer, fit_max_length
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
@@ -46,6 +46,11 @@ def main(cfg: Config) -> dict[str, Any]:
     # 2. Data: read, label, tokenize once on the main process (the others reuse its cache), then batch.
     regression = cfg.task == "regression"
     tokenizer = build_tokenizer(cfg.model)
+    max_length = fit_max_length(cfg.model, tokenizer, cfg.data.max_length)
+    if max_length != cfg.data.max_length:  # capped at the model's positions: record what the run really uses
+        cfg.data.max_length = max_length
+        if accelerator.is_main_process:
+            save_config(cfg, run_dir / "config.yaml")
     with accelerator.main_process_first():
         raw = load_raw_splits(cfg.data, seed=cfg.train.seed)
         labelled, label_names = encode_labels(raw, cfg.data, regression=regression, num_labels=cfg.model.num_labels)

@@ -18,6 +18,7 @@ from finetune.models import (
     build_causal_lm,
     build_sequence_classifier,
     build_tokenizer,
+    fit_max_length,
     model_cache_dir,
     resolve_model_source,
 )
@@ -72,6 +73,15 @@ def test_build_tokenizer_from_a_local_folder(tiny_bert):
     assert tokenizer.is_fast
     ids = tokenizer("good movie")["input_ids"]
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id and len(ids) == 4
+
+
+def test_max_length_is_capped_at_the_models_positions(tiny_bert, caplog):
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    tokenizer = build_tokenizer(cfg)  # no model_max_length of its own: the 64 positions decide
+    assert fit_max_length(cfg, tokenizer, 32) == 32
+    assert fit_max_length(cfg, tokenizer, 96) == 64 and "data.max_length=96 is longer" in caplog.text
+    tokenizer.model_max_length = 48
+    assert fit_max_length(cfg, tokenizer, 96) == 48
 
 
 def test_classifier_gets_labels_and_the_pretrained_encoder(tiny_bert):
