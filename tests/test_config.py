@@ -239,7 +239,12 @@ def accelerate_configs() -> list[Path]:
     return sorted((CONFIGS / "accelerate").glob("*.yaml"))
 
 
+# configs/<folder>/ -> recipes/<name>.py where they differ (a recipes/compress.py would shadow the compress package).
+RECIPE_OF_CONFIGS = {"compress": "compression"}
+
+
 def import_recipe(name: str):
+    name = RECIPE_OF_CONFIGS.get(name, name)
     path = REPO / "recipes" / f"{name}.py"
     assert path.is_file(), f"configs/{name}/ has no recipe recipes/{name}.py"
     module_name = f"_tuneforge_test_recipe_{name}"
