@@ -5,10 +5,8 @@ callers with and without micro-batching; cold start and memory against loading t
     python bench/serve.py --bundle BUNDLE --run RUN_DIR      # an existing bundle (with an int8 variant) and its run
 
 Without --bundle it fine-tunes all-MiniLM-L6-v2 on the embedded reviews for --train-steps steps (the default recipe)
-and exports it with `python -m compress export --optimize`. The int8 variant is the bundle's own (the first variant
-whose name starts with "int8"); if there is none, a FALLBACK is made here: onnxruntime's quantize_dynamic of the
-optimized graph, added to a copy of the bundle as "int8-dynamic-fallback" with its eval-split accuracy as the verdict
-(the JSON says so: "int8_source").
+and compresses it with recipes/configs/compress/text_default.yaml. The variant served is --variant, else the bundle's
+first int8 variant (the quickstart's bundles/text_default works: --bundle bundles/text_default).
 
 Throughput: each caller thread sends single-sentence requests (the run's eval split) one after another; requests/s
 over all callers, p50/p95 per request. Modes: unbatched and micro-batched, each with 1 ONNX Runtime thread per run
@@ -23,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -57,13 +54,13 @@ def main() -> None:
 
     bundle, run = (args.bundle, args.run) if args.bundle else build_bundle(args.train_steps)
     run = run or Path(json.loads((bundle / "manifest.json").read_text())["source_run"]["path"])
-    bundle, variant, int8_source = int8_variant(bundle, run, args.variant)
+    variant = int8_variant(bundle, args.variant)
     texts = eval_texts(run)
     cores = os.cpu_count() or 1
     rows = throughput(bundle, variant, texts, cores, args)
     batch_cost = model_cost_per_item(bundle, variant)
     cold = cold_starts(bundle, run, variant, args.cold_runs)
-    result = {"machine": machine(), "bundle": str(bundle), "variant": variant, "int8_source": int8_source,
+    result = {"machine": machine(), "bundle": str(bundle), "variant": variant,
               "requests_per_configuration": args.requests, "batching": {"max_batch_size": args.max_batch_size,
                                                                         "max_wait_ms": args.max_wait_ms},
               "throughput": rows, "model_ms_per_item_by_batch": batch_cost, "cold_start": cold,
@@ -77,7 +74,8 @@ def main() -> None:
 # --- the bundle -----------------------------------------------------------------------------------------------------
 
 def build_bundle(steps: int) -> tuple[Path, Path]:
-    """A short MiniLM fine-tune on the embedded reviews (the default recipe), exported with the optimized variant."""
+    """A short MiniLM fine-tune on the embedded reviews (the default recipe), compressed by the shipped
+    compress/text_default.yaml (export, optimize, gated dynamic and static int8)."""
     run, bundle = WORK / "run", WORK / "bundle"
     if not (bundle / "manifest.json").is_file():
         WORK.mkdir(parents=True, exist_ok=True)
@@ -86,75 +84,30 @@ def build_bundle(steps: int) -> tuple[Path, Path]:
                   f"train.max_steps={steps}"]
         print(f"fine-tuning MiniLM for {steps} steps ...", flush=True)
         run_measured(recipe, WORK / "run.log")
-        shutil.rmtree(bundle, ignore_errors=True)
-        run_measured([sys.executable, "-m", "compress", "export", str(run), "--out", str(bundle), "--optimize"],
-                     WORK / "export.log")
+        run_measured([sys.executable, "-m", "compress", "run", "--config", "recipes/configs/compress/text_default.yaml",
+                      f"run_dir={run}", f"out={bundle}", "latency.runs=20"], WORK / "compress.log")
     return bundle, run
 
 
-def int8_variant(bundle: Path, run: Path, wanted: str | None) -> tuple[Path, str, str]:
-    """(bundle, variant, where the int8 graph came from): the bundle's own int8 variant, or the labelled fallback."""
+def int8_variant(bundle: Path, wanted: str | None) -> str:
+    """The variant to serve: `wanted`, else the bundle's first int8 variant."""
     from compress.manifest import read_manifest
 
-    manifest = read_manifest(bundle, verify=False)
-    if wanted:
-        return bundle, wanted, "given"
-    own = next((name for name in manifest.variants if name.startswith("int8")), None)
-    if own:
-        return bundle, own, "the bundle's own int8 variant (compress)"
-    return fallback_int8(manifest, run)
-
-
-def fallback_int8(manifest, run: Path) -> tuple[Path, str, str]:
-    """quantize_dynamic of the optimized (else fp32) graph into a copy of the bundle, gated by eval-split accuracy."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from compress.bundle import add_variant
-
-    name = "int8-dynamic-fallback"
-    copy = WORK / f"{manifest.path.name}-int8-fallback"
-    if (copy / "manifest.json").is_file() and name in json.loads((copy / "manifest.json").read_text())["variants"]:
-        return copy, name, "FALLBACK: onnxruntime quantize_dynamic in bench/serve.py (not the compress int8 variant)"
-    parent = "optimized" if "optimized" in manifest.variants else "fp32"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(manifest.path, copy)
-    graph = WORK / "int8-fallback.onnx"
-    # Fused graphs hold contrib ops whose outputs shape inference cannot type: they are float tensors.
-    quantize_dynamic(manifest.graph_path(parent), graph, weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    from serve.predictors import TextClassifier
-    from serve.runtime import create_session, load_tokenizer
-
-    texts, labels = eval_split(run)
-    accuracy = {}
-    for label, path in (("parent", manifest.graph_path(parent)), ("int8", graph)):
-        session = create_session(path)
-        model = TextClassifier(load_tokenizer(manifest), lambda feeds, s=session: s.run(["logits"], feeds)[0],
-                               input_names=[i.name for i in session.get_inputs()], labels=manifest.data["labels"])
-        predictions = [p.label for p in model.predict(texts)]
-        accuracy[label] = sum(p == t for p, t in zip(predictions, labels, strict=True)) / len(labels)
-    print(f"fallback int8: eval accuracy {accuracy['int8']:.4f} ({parent}: {accuracy['parent']:.4f})")
-    add_variant(copy, name, {"model": graph}, parent=parent,
-                metrics={"accuracy": accuracy["int8"], "num_examples": len(labels)},
-                quantization={"method": "dynamic", "weights": "int8", "tool": "onnxruntime quantize_dynamic",
-                              "note": "bench/serve.py fallback, not gated by compress"})
-    return copy, name, "FALLBACK: onnxruntime quantize_dynamic in bench/serve.py (not the compress int8 variant)"
-
-
-def eval_split(run: Path) -> tuple[list[str], list[str]]:
-    """The run's eval texts and their label names."""
-    from compress.source import read_run, run_data_config
-    from finetune.data import encode_labels, load_raw_splits
-
-    cfg, seed = run_data_config(read_run(run))
-    splits, names = encode_labels(load_raw_splits(cfg, seed=seed), cfg, regression=False)
-    evals = splits["eval"]
-    return [t if isinstance(t, str) else "" for t in evals[cfg.text_column]], [names[i] for i in evals["labels"]]
+    variants = read_manifest(bundle, verify=False).variants
+    name = wanted or next((n for n in variants if n.startswith("int8")), None)
+    if name not in variants:
+        raise SystemExit(f"{bundle} has no variant {wanted!r}" if wanted else
+                         f"{bundle} has no int8 variant; compress it with recipes/configs/compress/text_default.yaml")
+    return name
 
 
 def eval_texts(run: Path) -> list[str]:
-    return eval_split(run)[0]
+    """The run's eval-split texts (the requests)."""
+    from compress.source import read_run, run_data_config, text_splits
+
+    run_ = read_run(run)
+    cfg, _ = run_data_config(run_)
+    return [t if isinstance(t, str) else "" for t in text_splits(run_)["eval"][cfg.text_column]]
 
 
 # --- throughput -----------------------------------------------------------------------------------------------------
@@ -301,7 +254,7 @@ def targets(rows: list[dict], cold: dict) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{result['variant']} of {result['bundle']} ({result['int8_source']})")
+    print(f"\n{result['variant']} of {result['bundle']}")
     print(f"{'mode':14s} {'threads':>7s} {'callers':>7s} {'req/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'batch':>6s}")
     for r in result["throughput"]:
         print(f"{r['mode']:14s} {r['threads']:7d} {r['callers']:7d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "

@@ -56,7 +56,8 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
         if batching is not None:
             raise ServeError("micro-batching applies to classifiers; a text generator streams one prompt per call")
         return load_generator(manifest, name, threads=threads)
-    session = create_session(manifest.graph_path(name, "model"), threads=threads)
+    session = create_session(manifest.graph_path(name, "model"), threads=threads,
+                             settings=manifest.variants[name].get("session"))
     forward = _forward(session)
     if manifest.task in TEXT_TASKS:
         text = data.get("text") or {}
@@ -71,7 +72,8 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
 def load_generator(manifest: Manifest, variant: str, *, threads: int | None = None) -> TextGenerator:
     """A TextGenerator over the variant's KV-cache decoder graph."""
     data = manifest.data
-    decoder = create_session(manifest.graph_path(variant, "decoder"), threads=threads)
+    decoder = create_session(manifest.graph_path(variant, "decoder"), threads=threads,
+                             settings=manifest.variants[variant].get("session"))
     tokenizer = load_tokenizer(manifest)
     generation, section = data.get("generation") or {}, data.get("tokenizer") or {}
     special = {f"{kind}_token": tokenizer.id_to_token(section[f"{kind}_token_id"]) for kind in ("bos", "eos", "pad")
@@ -95,8 +97,11 @@ def load_tokenizer(manifest: Manifest) -> Any:
                           "bundle") from None
 
 
-def create_session(path: str | Path, *, threads: int | None = None) -> Any:
+def create_session(path: str | Path, *, threads: int | None = None, settings: dict[str, Any] | None = None) -> Any:
     """One ONNX Runtime CPU session for a graph; `run` on it is thread-safe, so predictors share it.
+
+    settings: the variant's `session` entry of the manifest (graph optimization level, optimizers to leave out: the
+    settings compress measured the variant with; e.g. fusions whose kernels are slower on this CPU).
 
     threads: intra-op threads of each run (None: ONNX Runtime's default, one per physical core); runs are sequential
     inside a graph (inter-op 1), which suits these chain-shaped transformer and CNN graphs. The pool's threads sleep
@@ -112,8 +117,13 @@ def create_session(path: str | Path, *, threads: int | None = None) -> Any:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT warns about benign initializer clean-ups on exported graphs
+    settings = settings or {}
+    if settings.get("graph_optimization_level"):
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["graph_optimization_level"])
+    disabled = list(settings.get("disabled_optimizers") or [])
+    extra = {"disabled_optimizers": disabled} if disabled else {}
     try:
-        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"], **extra)
     except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
         raise BundleError(f"ONNX Runtime cannot load {path} ({type(err).__name__}: {str(err).splitlines()[0]}); "
                           "re-export the bundle, or upgrade onnxruntime if the graph uses newer operators") from None

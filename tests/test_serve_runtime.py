@@ -72,6 +72,27 @@ def test_text_predictions_match_pytorch(serve_text_bundle: Path, text_run: Path,
         assert prediction.score == max(prediction.probabilities.values()) and not prediction.truncated
 
 
+def test_sessions_use_the_settings_the_variant_was_measured_with(serve_text_bundle: Path, monkeypatch):
+    import onnxruntime as ort
+
+    from compress.manifest import read_manifest
+
+    created = []
+    real = ort.InferenceSession
+
+    def spy(path, options, **kwargs):
+        created.append((options, kwargs))
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    settings = read_manifest(serve_text_bundle).variants["optimized"]["session"]
+    assert settings["disabled_optimizers"]  # compress leaves the slow fusions out at load
+    runtime.load(serve_text_bundle, "optimized")
+    (options, kwargs), = created
+    assert kwargs["disabled_optimizers"] == settings["disabled_optimizers"]
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
 def test_dynamic_padding_gives_each_text_the_same_result_alone_or_batched(serve_pair_bundle: Path):
     model = runtime.load(serve_pair_bundle)
     batched = model.logits(TEXTS, PAIRS)
