@@ -5,7 +5,7 @@ are written for, then ORT's own optimizer at ORT_ENABLE_EXTENDED. Not ORT_ENABLE
 depend on the CPU that saves the file (NCHWc block size follows the ISA), and a session applies them at load time.
 
 Two fusions are left out on purpose (`SLOW_FUSIONS`), offline and at session load (`session_settings`), because they
-make CPU inference slower (measured by bench/compress.py, onnxruntime 1.32, AVX-512 VNNI, one thread):
+make CPU inference slower (measured by bench/compression.py, onnxruntime 1.32, AVX-512 VNNI, one thread):
   - SkipLayerNormalization: its CPU kernel takes ~3.5x the time of Add + LayerNormalization on a [24, 384] MiniLM
     activation (~50 us vs ~14 us) and ~9x at batch 8; a 6-layer encoder has 12 of them.
   - BiasGelu: as fast as Add + Gelu in fp32, but it takes the bias Add away from the MatMul before it, so an int8

@@ -1,7 +1,7 @@
 """Int8 quantization: ONNX Runtime dynamic and static (QDQ) int8 of bundle graphs behind the numeric and task-metric
 gates, walking a ladder of safer settings when a gate fails; and PyTorch dynamic int8 for users who stay in PyTorch.
 
-What makes int8 fast on an x86 CPU (measured by bench/compress.py on MiniLM, one thread, AVX-512 VNNI):
+What makes int8 fast on an x86 CPU (measured by bench/compression.py on MiniLM, one thread, AVX-512 VNNI):
   - int8 weights (s8) with uint8 activations: ONNX Runtime's x86 int8 GEMMs are u8 x s8 (VNNI's vpdpbusd). uint8
     weights ran ~1.6x slower; int8 activations in QDQ graphs (s8 x s8) ~6x slower.
   - dynamic quantization of the optimized graph: fused attention becomes one QAttention (one quantized QKV GEMM),

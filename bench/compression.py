@@ -1,9 +1,9 @@
 """Benchmark: compress a MiniLM SST-2 run and an MNIST CNN run on this CPU; the by-hand int8 path side by side; what
 makes int8 fast here.
 
-    python bench/compress.py                      # trains both runs first (MiniLM ~3 min, CNN ~4 min on 2 cores)
-    python bench/compress.py --text-run runs/bench_compress/minilm_sst2 --image-run runs/bench_compress/mnist_cnn
-    python bench/compress.py --skip-image --runs 600
+    python bench/compression.py                      # trains both runs first (MiniLM ~3 min, CNN ~4 min on 2 cores)
+    python bench/compression.py --text-run runs/bench_compress/minilm_sst2 --image-run runs/bench_compress/mnist_cnn
+    python bench/compression.py --skip-image --runs 600
 
 MiniLM: all-MiniLM-L6-v2 fine-tuned for 1 epoch on 4,000 SST-2 sentences (as bench/text_classification.py), scored on
 the 872 SST-2 test sentences.
@@ -35,10 +35,6 @@ import time
 from pathlib import Path
 
 from common import REPO, machine, run_measured
-
-# This script shares its name with the `compress` package, and Python puts a script's folder first on the path: the
-# repository goes before it so that `import compress` finds the package.
-sys.path.insert(0, str(REPO))
 
 from compress.latency import (
     LatencyConfig,
