@@ -2,8 +2,9 @@
 
 A worker thread takes the first waiting request, then keeps collecting until `max_batch_size` items are gathered or
 `max_wait_ms` has passed since it took the first one; it runs the batch once and resolves each caller's future with
-its own slice. While the model runs, new requests queue up, so under load batches fill without any waiting; with
-max_wait_ms = 0 an idle server adds no latency at all.
+its own slice. `workers` such threads share the queue, so that several batches run at once (one per core on a CPU).
+While the model runs, new requests queue up, so under load batches fill without any waiting; with max_wait_ms = 0
+an idle server adds no latency at all.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ class BatchingConfig:
     The default wait is 0: under load, requests queue up while a batch runs, so batches fill anyway; waiting only
     adds latency when the model is idle (on CPUs a batch of 2 costs about twice a batch of 1). Raise it on hardware
     where a bigger batch is much cheaper per item (GPUs).
+
+    `workers` batches run at once. On a CPU a transformer's cost per item hardly drops with the batch size (the
+    tokens already fill the matrix kernels), so one worker with a one-thread session leaves the other cores idle:
+    use one worker per core (threads=1), or one worker with a session of all threads.
     """
 
     max_batch_size: int = 32
     max_wait_ms: float = 0.0
+    workers: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_wait_ms < 0:
-            raise ValueError(f"batching needs max_batch_size >= 1 and max_wait_ms >= 0, got {self}")
+        if self.max_batch_size < 1 or self.max_wait_ms < 0 or self.workers < 1:
+            raise ValueError(f"batching needs max_batch_size >= 1, max_wait_ms >= 0 and workers >= 1, got {self}")
 
 
 @dataclass
@@ -52,7 +58,7 @@ class MicroBatcher(Generic[Item, Result]):
     """Runs `run(items) -> results` (one result per item, in order) on batches gathered from concurrent `submit`s.
 
     A request may hold several items; it is never split. If a batch of several requests fails, each request is run
-    again alone, so one bad request cannot fail the others. The worker is a daemon thread started on first use.
+    again alone, so one bad request cannot fail the others. The workers are daemon threads started on first use.
     """
 
     def __init__(self, run: Callable[[list[Item]], Sequence[Result]], config: BatchingConfig, *,
@@ -60,9 +66,9 @@ class MicroBatcher(Generic[Item, Result]):
         self._run, self.config, self.name = run, config, name
         self._queue: queue.SimpleQueue[_Request[Item, Result] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closed = False
-        # Items per model run of the last 1,000 runs (written by the worker only), for tests and statistics.
+        # Items per model run of the last 1,000 runs (appended by the workers: deque appends are atomic).
         self.batch_sizes: deque[int] = deque(maxlen=1000)
 
     def __call__(self, items: list[Item]) -> list[Result]:
@@ -78,21 +84,24 @@ class MicroBatcher(Generic[Item, Result]):
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.name} is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._work, name=f"{self.name} {i}", daemon=True)
+                                 for i in range(self.config.workers)]
+                for thread in self._threads:
+                    thread.start()
         self._queue.put(_Request(list(items), future))
         return future
 
     def close(self) -> None:
-        """Finish the queued requests and stop the worker."""
+        """Finish the queued requests and stop the workers."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            thread = self._thread
-        if thread is not None:
+            threads = list(self._threads)
+        for _ in threads:  # one stop sign per worker
             self._queue.put(None)
+        for thread in threads:
             thread.join()
 
     def _work(self) -> None:

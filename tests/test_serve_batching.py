@@ -87,3 +87,26 @@ def test_config_is_checked():
         BatchingConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="max_wait_ms >= 0"):
         BatchingConfig(max_wait_ms=-1)
+    with pytest.raises(ValueError, match="workers >= 1"):
+        BatchingConfig(workers=0)
+
+
+def test_workers_run_batches_at_the_same_time_and_close_together():
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def run(items: list[int]) -> list[int]:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.03)
+        with lock:
+            active[0] -= 1
+        return [i + 1 for i in items]
+
+    batcher = MicroBatcher(run, BatchingConfig(max_batch_size=2, workers=2))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: batcher([i]), range(16)))
+    assert results == [[i + 1] for i in range(16)]
+    assert peak[0] == 2  # two batches in flight, never more
+    batcher.close()
+    assert not any(thread.is_alive() for thread in batcher._threads)
