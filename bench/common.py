@@ -25,12 +25,15 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
 
 
 def machine() -> dict:
-    """CPU, cores, torch threads, memory, versions, and the load average (other work on a shared machine)."""
+    """CPU and its ISA flags (AVX-512, VNNI, BF16 and AMX decide int8 and bf16 speed), cores, torch threads, memory,
+    versions, and the load average (other work on a shared machine)."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from compress.manifest import cpu_info
+
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "isa": [name for name, present in cpu["flags"].items() if present],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
