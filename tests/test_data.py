@@ -395,6 +395,19 @@ def test_grouping_by_length_cuts_padding(batch_size):
     assert sorted(grouped) == list(range(400))
 
 
+def test_grouped_batches_come_in_shuffled_order_with_a_short_last_batch_last():
+    rng = random.Random(2)
+    lengths = [rng.randint(2, 100) for _ in range(405)]
+    order = list(EpochSampler(405, seed=3, lengths=lengths, global_batch_size=8))
+    batches = [order[i:i + 8] for i in range(0, 405, 8)]
+    longest = [max(lengths[j] for j in batch) for batch in batches[:-1]]
+    assert longest[0] == max(lengths)
+    # Not a long-to-short run: later batches are as long as earlier ones on average.
+    assert longest != sorted(longest, reverse=True)
+    assert abs(sum(longest[:25]) - sum(longest[25:50])) < 0.25 * sum(longest[:50])
+    assert len(batches[-1]) == 5 and sorted(order) == list(range(405))
+
+
 def test_one_process_batch_8_equals_two_processes_batch_4():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
