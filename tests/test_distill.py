@@ -86,12 +86,12 @@ def read_losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def teacher_run(tiny_bert: Path, sentiment_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A text run trained long enough (36 steps) to be confident: its soft targets carry the task."""
+    """A text run trained long enough (96 steps) to be confident: its soft targets carry the task."""
     out = tmp_path_factory.mktemp("teacher") / "run"
     run_recipe("text_classification", "--config", "recipes/configs/text_classification/default.yaml",
                f"model.name_or_path={tiny_bert}", f"data.train={sentiment_data['train']}",
                f"data.eval={sentiment_data['eval']}", "data.label_names=[negative, positive]",
-               f"train.output_dir={out}", "train.batch_size=8", "train.epochs=3", "optim.lr=3.0e-3",
+               f"train.output_dir={out}", "train.batch_size=8", "train.epochs=8", "optim.lr=3.0e-3",
                "optim.warmup_ratio=0.0", "early_stopping.patience=0")
     return out
 
@@ -106,7 +106,8 @@ def test_text_distillation_from_the_shipped_yaml_lowers_the_loss(teacher_run: Pa
                f"train.output_dir={out}", *TEXT_ARGS)
     losses = read_losses(out)
     assert len(losses) == 36
-    assert sum(losses[-6:]) < 0.85 * sum(losses[:6]), losses
+    # A confident teacher is matched within a few steps: the loss falls from its first value, then stays down.
+    assert sum(losses[-6:]) / 6 < 0.85 * losses[0], losses
     meta = json.loads((out / "model" / "tuneforge.json").read_text())
     assert meta["task"] == "text-classification" and meta["label_names"] == ["negative", "positive"]
     record = meta["distillation"]
