@@ -294,9 +294,14 @@ def quantize_stage(p: Pipeline, cfg: QuantizeConfig) -> None:
     fp32 = manifest.variants[lineage.variants["fp32"]]
     outcome = quantize_gated(exported.task, sources, fp32["metrics"], cfg, p.cfg.gate, p.workdir)
     name = lineage.name(cfg.name)
-    if outcome.files is None:
-        p.rejected[name] = {"stage": "quantize", "reason": outcome.reason, "attempts": outcome.quantization["ladder"],
+    twin = None if outcome.files is None else same_quantization(manifest, outcome.quantization, lineage.derived)
+    if outcome.files is None or twin:
+        reason = outcome.reason or (f"it passed only as rung '{outcome.quantization['ladder'][-1]['rung']}', "
+                                    f"which makes the same graph as variant {twin}: not written twice")
+        p.rejected[name] = {"stage": "quantize", "reason": reason, "attempts": outcome.quantization["ladder"],
                             "skipped_rungs": outcome.quantization["skipped_rungs"], "derived": lineage.derived}
+        for path in (outcome.files or {}).values():
+            path.unlink()
         return
     parent = lineage.variants[outcome.quantization["source"]]
     add_variant(p.bundle, name, outcome.files, parent=parent, parity=outcome.parity, metrics=outcome.metrics,
@@ -304,6 +309,19 @@ def quantize_stage(p: Pipeline, cfg: QuantizeConfig) -> None:
                 session=manifest.variants[parent]["session"])
     for path in outcome.files.values():
         path.unlink()
+
+
+QUANTIZATION_KEYS = ("source", "method", "format", "weight_type", "per_channel", "reduce_range", "exclude_op_types",
+                     "calibration")
+
+
+def same_quantization(manifest: Manifest, quantization: dict[str, Any], derived: dict[str, Any] | None) -> str | None:
+    """The variant of the same model already quantized with these settings, if any: e.g. a static stage whose last
+    rung (dynamic instead of static) lands on what the dynamic stage already wrote."""
+    key = [quantization.get(k) for k in QUANTIZATION_KEYS]
+    return next((name for name, variant in manifest.variants.items() if variant.get("quantization")
+                 and variant.get("derived") == derived
+                 and [variant["quantization"].get(k) for k in QUANTIZATION_KEYS] == key), None)
 
 
 def transform_stage(fn: Callable[..., Any], prefix: str) -> Callable[[Pipeline, Any], None]:

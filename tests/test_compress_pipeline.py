@@ -208,6 +208,25 @@ def test_prune_and_distill_stages_put_three_models_in_one_report(text_run: Path,
                             {"quantize": {}}])) == 5
 
 
+def test_a_quantize_stage_that_lands_on_an_existing_variant_is_not_written_twice(text_run: Path, tmp_path: Path):
+    """E.g. static int8 that passes only on its last rung (dynamic instead of static), the same graph as the dynamic
+    stage's: recorded as dropped, with the twin named, and no second copy in the bundle."""
+    out = tmp_path / "bundle"
+    manifest = run_pipeline(CompressConfig(
+        run_dir=str(text_run), out=str(out), latency=LatencyConfig(runs=2, rounds=1, warmup=0, batch_sizes=[1]),
+        gate=GateConfig(max_relative_drop=0.5),
+        stages=[{"torch": {"int8_dynamic": False}}, {"export": {}}, {"quantize": {"name": "int8-a"}},
+                {"quantize": {"name": "int8-b"}}]))
+    assert list(manifest.variants) == ["fp32", "int8-a"]
+    dropped = manifest.data["rejected"]["int8-b"]
+    assert "same graph as variant int8-a: not written twice" in dropped["reason"]
+    assert sorted(p.name for p in out.glob("*.onnx")) == sorted(
+        Path(manifest.graph_path(name)).name for name in manifest.variants)
+    report = json.loads((out / "report.json").read_text())
+    assert any(row["name"] == "int8-b" and row["verdict"] == "dropped" and "not written twice" in row["reason"]
+               for row in report["rows"])
+
+
 # --- the command line ----------------------------------------------------------------------------------------------
 
 def test_cli_run_names_a_bad_config_and_writes_nothing(text_run: Path, tmp_path: Path):
