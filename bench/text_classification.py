@@ -6,8 +6,8 @@
 Same model (all-MiniLM-L6-v2), data subset, tokenization, batch size, max_length, epochs, learning rate, schedule
 and seeds (one run of each per seed: a single seed's test accuracy moves by about a point with the data order, so
 the table compares means). Each run is its own subprocess (its peak RSS is measured alone); each saved model is
-then scored on the 872-sentence SST-2 test split by the same code. Rows: the recipe, a plain Trainer, and a Trainer with
-`train_sampling_strategy="group_by_length"` (to show how much of the gap is length grouping).
+then scored on the 872-sentence SST-2 test split by the same code. Rows: the recipe, a plain Trainer, and a
+Trainer with `train_sampling_strategy="group_by_length"` (to show how much of the gap is length grouping).
 Prints a table and writes JSON (default bench/results/text_classification.json).
 """
 
@@ -162,10 +162,9 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_trainer"] = round(row["samples_per_second"] / base["samples_per_second"], 3) if base else None
     recipe = rows[0]
-    targets = {"speedup_vs_trainer_at_least": 1.3, "test_accuracy_no_lower_than_trainer": True}
-    if base:
-        targets["met"] = (recipe["speedup_vs_trainer"] >= 1.3
-                          and recipe["test_accuracy_mean"] >= base["test_accuracy_mean"])
+    if base:  # the recipe at >= 1.3x the Trainer's samples/s, its mean test accuracy no lower
+        targets = {"speedup_vs_trainer_at_least": 1.3, "met": recipe["speedup_vs_trainer"] >= 1.3
+                   and recipe["test_accuracy_mean"] >= base["test_accuracy_mean"]}
     else:
         targets = {"test_accuracy_at_least": 0.915, "met": recipe["test_accuracy_mean"] >= 0.915}
 
