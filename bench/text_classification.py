@@ -19,7 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
 from common import REPO, machine, run_measured
+
+from finetune.tracking import read_metrics_log
 
 RECIPE_CONFIG = REPO / "recipes/configs/text_classification/sst2.yaml"
 
@@ -34,12 +37,19 @@ def recipe_run(args: argparse.Namespace, out: Path) -> dict:
                       # one evaluation at the end, on dev; the test split is scored below, by the same code for all
                       f"data.eval={args.data}/dev.tsv", "data.max_eval_samples=872", "train.eval_every_n_steps=0",
                       "checkpoint.every_n_steps=0", "checkpoint.at_epoch_end=false", "early_stopping.patience=0"]
-    cmd = [sys.executable, "recipes/text_classification.py", "--config", str(RECIPE_CONFIG), *overrides]
+    cmd = [sys.executable, "recipes/text_classification.py", "--config", str(RECIPE_CONFIG), *overrides, *args.set]
     wall, rss = run_measured(cmd, out.with_suffix(".log"))
     train = json.loads((out / "metrics.json").read_text())["train"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    evals = [{k: row[k] for k in ("step", "eval_loss", "accuracy")}  # the dev evaluations
+             for row in read_metrics_log(out) if "accuracy" in row]
     return {"name": "tuneforge recipe", "samples_per_second": train["samples_per_second"],
             "train_seconds": train["seconds_this_session"], "samples": train["samples"], "wall_seconds": wall,
-            "peak_rss_mib": rss, "model_dir": str(out / "model")}
+            "peak_rss_mib": rss, "model_dir": str(out / "model"),
+            "recipe_settings": {"lr": config["optim"]["lr"], "epochs": config["train"]["epochs"],
+                                "batch_size": config["train"]["batch_size"],
+                                "max_length": config["data"]["max_length"]},
+            "dev_evals": evals}
 
 
 def trainer_run(args: argparse.Namespace, out: Path, grouped: bool) -> dict:
@@ -132,6 +142,8 @@ def main() -> None:
                              "(default 42 43 44; 42 with --full)")
     parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)  # a Trainer worker's own seed
     parser.add_argument("--full", action="store_true", help="the recipe alone on all data with sst2.yaml")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra recipe overrides, e.g. --full --set optim.lr=1e-4 train.epochs=2")
     parser.add_argument("--no-grouped-trainer", action="store_true", help="skip the group_by_length Trainer row")
     parser.add_argument("--work-dir", default=str(REPO / "runs/bench_text_classification"))
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/text_classification[_full].json)")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.metrics import load_metric, per_class_scores
+from finetune.metrics import classification_metrics, per_class_scores, regression_metrics
 
 
 @torch.no_grad()
@@ -31,9 +31,8 @@ def score_classifier(logits: np.ndarray, labels: np.ndarray, *, num_labels: int,
     `label_names`, also `per_class` precision / recall / F1 / support."""
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    metrics = load_metric("classification").compute(
-        predictions=log_probs.argmax(axis=1), references=labels, num_labels=num_labels,
-        prediction_scores=np.exp(log_probs))
+    metrics = classification_metrics(log_probs.argmax(axis=1), labels, num_labels=num_labels,
+                                     prediction_scores=np.exp(log_probs))
     loss = float(-log_probs[np.arange(len(labels)), labels].mean())
     out = {"eval_loss": loss, "num_examples": len(labels), **metrics}
     if label_names is not None:
@@ -44,7 +43,7 @@ def score_classifier(logits: np.ndarray, labels: np.ndarray, *, num_labels: int,
 def score_regressor(predictions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """eval_loss (mean squared error, the training loss), num_examples and the regression metrics."""
     preds = predictions.reshape(-1).astype(np.float64)
-    metrics = load_metric("regression").compute(predictions=preds, references=labels.astype(np.float64))
+    metrics = regression_metrics(preds, labels.astype(np.float64))
     return {"eval_loss": metrics["mse"], "num_examples": len(labels), **metrics}
 
 

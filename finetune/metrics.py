@@ -1,91 +1,73 @@
-"""Task metrics as `evaluate` modules that work offline (evaluate.load("accuracy") fetches from the hub).
+"""Task metrics: numpy implementations (checked against scikit-learn), also served as offline `evaluate` modules.
 
-`load_metric("classification")` / `load_metric("regression")` return this project's modules; any other name goes
-to `evaluate.load`, for users who are online and want a hub metric.
+The recipes score with `classification_metrics` / `regression_metrics` directly: `import evaluate` costs seconds per
+process (it imports transformers.pipelines; huggingface/evaluate#674), paid only by `load_metric`, which returns this
+project's `evaluate` modules for `classification` / `regression` (they compute with the same functions; use them
+where an `evaluate` module is wanted) and sends any other name to `evaluate.load`, for users online who want a hub
+metric.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
-import evaluate
 import numpy as np
 
-_CITATION = "tuneforge project metrics (numpy implementations, checked against scikit-learn)"
+if TYPE_CHECKING:
+    import evaluate
+
+Average = Literal["auto", "binary", "macro", "micro", "weighted"]
 
 
-class ClassificationMetrics(evaluate.Metric):
-    """Accuracy, precision, recall, F1, MCC, ROC-AUC (when scores are given) and the confusion matrix."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Single-label classification metrics.",
-            citation=_CITATION,
-            inputs_description="predictions: class ids; references: class ids; prediction_scores (optional, "
-                               "[n, num_labels] probabilities) for ROC-AUC; num_labels; "
-                               "average: binary|macro|micro|weighted.",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-        )
-
-    def _compute(self, predictions: list[int], references: list[int], num_labels: int | None = None,
-                 prediction_scores: Any = None,
-                 average: Literal["auto", "binary", "macro", "micro", "weighted"] = "auto") -> dict[str, Any]:
-        pred = np.asarray(predictions, dtype=np.int64)
-        ref = np.asarray(references, dtype=np.int64)
-        k = int(num_labels or max(pred.max(initial=0), ref.max(initial=0)) + 1)
-        cm = confusion_matrix(pred, ref, k)
-        if average == "auto":
-            average = "binary" if k == 2 else "macro"
-        precision, recall, f1 = _precision_recall_f1(cm, average)
-        out: dict[str, Any] = {
-            "accuracy": float(np.trace(cm) / max(1, cm.sum())),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "mcc": _mcc(cm),
-            "confusion_matrix": cm.tolist(),
-        }
-        if prediction_scores is not None:
-            out["roc_auc"] = roc_auc(np.asarray(prediction_scores, dtype=np.float64), ref)
-        return out
+def classification_metrics(predictions: Any, references: Any, num_labels: int | None = None,
+                           prediction_scores: Any = None, average: Average = "auto") -> dict[str, Any]:
+    """Accuracy, precision, recall, F1, MCC, the confusion matrix and, given `prediction_scores` ([n, num_labels]
+    probabilities), ROC-AUC. `average="auto"` is binary for two classes, macro otherwise."""
+    pred = np.asarray(predictions, dtype=np.int64)
+    ref = np.asarray(references, dtype=np.int64)
+    k = int(num_labels or max(pred.max(initial=0), ref.max(initial=0)) + 1)
+    cm = confusion_matrix(pred, ref, k)
+    if average == "auto":
+        average = "binary" if k == 2 else "macro"
+    precision, recall, f1 = _precision_recall_f1(cm, average)
+    out: dict[str, Any] = {
+        "accuracy": float(np.trace(cm) / max(1, cm.sum())),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "mcc": _mcc(cm),
+        "confusion_matrix": cm.tolist(),
+    }
+    if prediction_scores is not None:
+        out["roc_auc"] = roc_auc(np.asarray(prediction_scores, dtype=np.float64), ref)
+    return out
 
 
-class RegressionMetrics(evaluate.Metric):
-    """Mean squared error, mean absolute error, R^2 and Pearson's r."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Regression metrics.",
-            citation=_CITATION,
-            inputs_description="predictions and references: floats.",
-            features=datasets.Features({"predictions": datasets.Value("float64"),
-                                        "references": datasets.Value("float64")}),
-        )
-
-    def _compute(self, predictions: list[float], references: list[float]) -> dict[str, float]:
-        pred = np.asarray(predictions, dtype=np.float64)
-        ref = np.asarray(references, dtype=np.float64)
-        err = pred - ref
-        total = float(((ref - ref.mean()) ** 2).sum())
-        pearson = float("nan")
-        if pred.std() > 0 and ref.std() > 0:
-            pearson = float(np.corrcoef(pred, ref)[0, 1])
-        return {
-            "mse": float((err**2).mean()),
-            "mae": float(np.abs(err).mean()),
-            "r2": float(1.0 - (err**2).sum() / total) if total > 0 else float("nan"),
-            "pearson": pearson,
-        }
-
-
-_PROJECT_METRICS = {"classification": ClassificationMetrics, "regression": RegressionMetrics}
+def regression_metrics(predictions: Any, references: Any) -> dict[str, float]:
+    """Mean squared error, mean absolute error, R^2 and Pearson's r (NaN where undefined)."""
+    pred = np.asarray(predictions, dtype=np.float64)
+    ref = np.asarray(references, dtype=np.float64)
+    err = pred - ref
+    total = float(((ref - ref.mean()) ** 2).sum())
+    pearson = float("nan")
+    if pred.std() > 0 and ref.std() > 0:
+        pearson = float(np.corrcoef(pred, ref)[0, 1])
+    return {
+        "mse": float((err**2).mean()),
+        "mae": float(np.abs(err).mean()),
+        "r2": float(1.0 - (err**2).sum() / total) if total > 0 else float("nan"),
+        "pearson": pearson,
+    }
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """This project's metric module for `classification` / `regression`; otherwise `evaluate.load(name)`."""
-    if name in _PROJECT_METRICS:
-        return _PROJECT_METRICS[name](keep_in_memory=True)
+    """This project's `evaluate` module for `classification` / `regression`; otherwise `evaluate.load(name)`."""
+    import evaluate
+
+    from finetune.metric_modules import PROJECT_METRICS
+
+    if name in PROJECT_METRICS:
+        return PROJECT_METRICS[name](keep_in_memory=True)
     return evaluate.load(name)
 
 

@@ -18,6 +18,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core (pyproject's addopts): each worker, and every process it starts, computes
+    # on one thread, so the workers do not contend for the cores (tiny models gain nothing from a second thread).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ["good", "great", "excellent", "lovely", "superb", "happy", "fine", "wonderful", "nice",

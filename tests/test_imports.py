@@ -19,7 +19,8 @@ COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "ex
 TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
               "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]
 SERVE_SUBMODULES = ["errors", "batching", "predictors", "generation", "runtime", "pytorch", "sources", "sketch", "app"]
-HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf"]
+# evaluate imports transformers.pipelines (seconds per process): only finetune.metrics.load_metric imports it.
+HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf", "evaluate"]
 
 
 def modules_after(code: str) -> set[str]:
@@ -47,6 +48,7 @@ def test_modules_do_not_import_export_or_serving_dependencies():
     assert "torch" in loaded  # sanity: the heavy training stack did load
     leaked = sorted(set(HEAVY_OPTIONAL) & top_level(loaded))
     assert not leaked, f"importing the training modules loaded {leaked}"
+    assert "transformers.pipelines" not in loaded
 
 
 def test_import_finetune_is_cheap():
