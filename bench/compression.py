@@ -56,7 +56,7 @@ def train_text(args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "recipes/text_classification.py", "--config",
            "recipes/configs/text_classification/sst2.yaml", f"train.output_dir={out}", "train.overwrite=true",
            f"data.train={sst2 / 'train.tsv'}", f"data.eval={sst2 / 'test.tsv'}", "data.max_train_samples=4000",
-           "train.epochs=1", "train.eval_every_n_steps=0", "checkpoint.every_n_steps=0",
+           "optim.lr=5.0e-5", "train.epochs=1", "train.eval_every_n_steps=0", "checkpoint.every_n_steps=0",
            "checkpoint.at_epoch_end=false", "early_stopping.patience=0"]
     wall, rss = run_measured(cmd, out.with_suffix(".log"))
     return {"wall_seconds": round(wall, 1), "peak_rss_mib": round(rss),

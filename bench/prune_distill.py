@@ -35,7 +35,7 @@ def train_teacher(args: argparse.Namespace, out: Path) -> float:
     cmd = [sys.executable, "recipes/text_classification.py", "--config", str(TEXT_CONFIG),
            f"train.output_dir={out}", "train.overwrite=true", f"data.train={args.data}/train.tsv",
            f"data.eval={args.data}/test.tsv", f"data.max_train_samples={args.train_samples}",
-           f"train.epochs={args.epochs}", "train.eval_every_n_steps=0", "checkpoint.every_n_steps=0",
+           "optim.lr=5.0e-5", f"train.epochs={args.epochs}", "train.eval_every_n_steps=0", "checkpoint.every_n_steps=0",
            "early_stopping.patience=0"]
     wall, _ = run_measured(cmd, out.with_suffix(".log"))
     return wall
