@@ -114,6 +114,21 @@ def test_accuracy(model_dir: str, test_tsv: str) -> float:
     return correct / len(sentences)
 
 
+def checkpoint_test_accuracies(run_dir: Path, test_tsv: str) -> dict[str, float]:
+    """Test accuracy of each checkpoint the run kept (keep_last), a diagnostic only: the model is selected on dev.
+    Shows whether a checkpoint other than the selected one would have scored better on test."""
+    import shutil
+    import tempfile
+
+    scores = {}
+    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1])):
+        with tempfile.TemporaryDirectory() as tmp:  # the saved model's config and tokenizer, the checkpoint's weights
+            for file in (run_dir / "model").iterdir():
+                shutil.copy(checkpoint / file.name if file.name == "model.safetensors" else file, Path(tmp) / file.name)
+            scores[checkpoint.name] = test_accuracy(tmp, test_tsv)
+    return scores
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One row per run name, in first-seen order: mean throughput, time and memory; test accuracy mean, std, all."""
     rows = []
@@ -167,7 +182,10 @@ def main() -> None:
                 seed_runs.append(trainer_run(args, work / f"trainer_grouped{tag}", grouped=True))
         for run in seed_runs:
             run["seed"] = seed
-            run["test_accuracy"] = test_accuracy(run.pop("model_dir"), f"{args.data}/test.tsv")
+            model_dir, test_tsv = Path(run.pop("model_dir")), f"{args.data}/test.tsv"
+            run["test_accuracy"] = test_accuracy(str(model_dir), test_tsv)
+            if args.full:
+                run["checkpoint_test_accuracies"] = checkpoint_test_accuracies(model_dir.parent, test_tsv)
         runs += seed_runs
     rows = summarize(runs)
     base = next((r for r in rows if r["name"] == "HF Trainer"), None)
