@@ -43,10 +43,14 @@ _StrictLoader.add_implicit_resolver(
 
 
 class _StrictDumper(yaml.SafeDumper):
-    """Quotes exactly the strings that `_StrictLoader` would read as something else (e.g. "1e5", "true")."""
+    """Quotes the strings that `_StrictLoader` (e.g. "1e5") or a standard YAML 1.1 reader such as `yaml.safe_load`
+    (e.g. "no", "on") would read as something else, so a saved config.yaml reads back the same in either."""
 
 
-_StrictDumper.yaml_implicit_resolvers = _StrictLoader.yaml_implicit_resolvers
+_StrictDumper.yaml_implicit_resolvers = {
+    first: yaml.SafeDumper.yaml_implicit_resolvers.get(first, []) + _StrictLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_StrictLoader.yaml_implicit_resolvers}
+}
 
 
 def yaml_load(text: str, *, source: str = "<string>") -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 from conftest import REPO
 
 from finetune.config import load_config, parse_config, save_config, yaml_load
@@ -177,6 +178,11 @@ def test_save_then_load_round_trips(tmp_path):
     path = tmp_path / "saved.yaml"
     save_config(cfg, path)
     assert load_config(Outer, path) == cfg
+    # Other tools read config.yaml with YAML 1.1 rules (bare no / on are booleans there): the strings stay strings.
+    plain = yaml.safe_load(path.read_text())
+    assert plain["mixed_precision"] == "no" and plain["output_dir"] == "runs/yes"
+    assert plain["inner"]["name"] == "on" and plain["inner"]["tags"] == ["x", "no", "1.5"]
+    assert plain["enabled"] is True and plain["inner"]["lr"] == 2e-5 and plain["inner"]["steps"] == 1000
 
 
 def test_save_then_load_round_trips_strings_that_look_like_exponent_floats(tmp_path):
