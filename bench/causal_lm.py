@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from common import REPO, machine, run_measured
+
+from finetune.config import yaml_load
 
 RECIPE_CONFIG = REPO / "recipes/configs/causal_lm/smollm2_shakespeare.yaml"
 TARGET_REDUCTION = 0.15
@@ -119,7 +120,7 @@ def main() -> None:
            "train.overwrite=true", *overrides(args)]
     wall, rss = run_measured(cmd, work / "run.log", bench_env())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    precision = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["mixed_precision"]  # auto resolved
+    precision = yaml_load((run_dir / "config.yaml").read_text())["train"]["mixed_precision"]  # auto resolved
     after = metrics["eval"]
     reduction = 1 - after["eval_loss"] / zero["eval_loss"]
     tokens_per_step = args.batch_size * args.block_size

@@ -19,9 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
 from common import REPO, machine, run_measured
 
+from finetune.config import yaml_load
 from finetune.tracking import read_metrics_log
 
 RECIPE_CONFIG = REPO / "recipes/configs/text_classification/sst2.yaml"
@@ -40,7 +40,7 @@ def recipe_run(args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "recipes/text_classification.py", "--config", str(RECIPE_CONFIG), *overrides, *args.set]
     wall, rss = run_measured(cmd, out.with_suffix(".log"))
     train = json.loads((out / "metrics.json").read_text())["train"]
-    config = yaml.safe_load((out / "config.yaml").read_text())
+    config = yaml_load((out / "config.yaml").read_text())
     evals = [{k: row[k] for k in ("step", "eval_loss", "accuracy")}  # the dev evaluations
              for row in read_metrics_log(out) if "accuracy" in row]
     return {"name": "tuneforge recipe", "samples_per_second": train["samples_per_second"],
