@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from compression import Config as CompressConfig
@@ -25,7 +27,7 @@ from text_classification import Config as TrainConfig
 from text_classification import main as train
 
 from finetune.config import load_config, parse_config
-from finetune.errors import exit_on_user_error
+from finetune.errors import TuneforgeError, exit_on_user_error
 from serve.app import demo_command
 
 
@@ -37,18 +39,29 @@ class Config:
     compress_overrides: list[str] = field(default_factory=list)  # key.sub=value settings of the compression
 
 
+@contextmanager
+def settings_named_as(field_name: str) -> Iterator[None]:
+    """A step's error names its recipe's settings (`train.overwrite=true`); say how to pass them from here."""
+    try:
+        yield
+    except TuneforgeError as err:
+        raise type(err)(f"{err} (quickstart takes them as {field_name}='[key=value,...]')") from None
+
+
 def main(cfg: Config) -> None:
     start = time.perf_counter()
 
     # 1. Fine-tune: the run directory gets model/, metrics.json, checkpoints/, curves.png, ...
     train_cfg = load_config(TrainConfig, cfg.train_config, cfg.train_overrides)
-    results = train(train_cfg)
+    with settings_named_as("train_overrides"):
+        results = train(train_cfg)
     trained = time.perf_counter()
 
     # 2. Compress that run into a bundle (the report table is printed as it is written).
     compress_cfg = load_config(CompressConfig, cfg.compress_config,
                                [f"run_dir={train_cfg.train.output_dir}", *cfg.compress_overrides])
-    manifest = compress(compress_cfg)
+    with settings_named_as("compress_overrides"):
+        manifest = compress(compress_cfg)
     done = time.perf_counter()
 
     # 3. Where things are, and the demo.

@@ -30,3 +30,9 @@ def test_quickstart_trains_compresses_and_prints_the_demo_command(tiny_bert: Pat
     demo = proc.stdout.split("open the demo:\n", 1)[1].strip().splitlines()[0]
     assert shlex.split(demo)[1:] == ["-m", "serve", str(bundle)]
     assert json.loads((run / "metrics.json").read_text())["eval"]["accuracy"] >= 0
+
+    # Run again: the finished run is kept, and the error says how to pass the fix through quickstart.
+    again = run_recipe("quickstart", f"train_overrides={json.dumps(train)}", check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert "train.overwrite=true" in again.stderr and "train_overrides='[key=value,...]'" in again.stderr
+    assert (run / "model" / "model.safetensors").is_file()
