@@ -79,9 +79,7 @@ def export_run(run: Run, out: str | Path, *, config: ExportConfig | None = None,
                overwrite: bool = False) -> Exported:
     """`export_bundle` for a run already read, returning the task and graphs along with the manifest."""
     config = config or ExportConfig()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BundleError(f"{out} already exists and is not empty; choose another --out or pass overwrite")
+    out = bundle_destination(out, overwrite=overwrite)
     model = load_model(run)
     picked = load_samples(run, limit=config.parity.num_samples, given=samples)
     session = session_settings(config.skip_fusions)
@@ -226,17 +224,56 @@ def _finish(stage: Path, data: dict[str, Any]) -> None:
     read_manifest(stage, verify=False)  # the structure a reader checks (the files were hashed just now)
 
 
+def bundle_destination(out: str | Path, *, overwrite: bool) -> Path:
+    """The absolute folder a bundle will be written to, checked first: a folder that holds files is replaced only
+    with `overwrite`, and only if it is a bundle (never a run directory, a project, or the folder we run in)."""
+    out = Path(out).expanduser().resolve()
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise BundleError(f"{out} already exists and is not empty; choose another out, or set overwrite "
+                          "(--overwrite, overwrite=true) to replace the bundle there")
+    if not _is_bundle(out):
+        raise BundleError(f"refusing to replace {out}: it is not a bundle (no tuneforge {MANIFEST}), and overwrite "
+                          "only replaces a bundle; choose a new folder for out")
+    if Path.cwd().resolve().is_relative_to(out):
+        raise BundleError(f"refusing to replace {out}: the current folder is inside it; run from elsewhere or choose "
+                          "another out")
+    return out
+
+
+def _is_bundle(path: Path) -> bool:
+    try:
+        read_manifest(path, verify=False)
+    except BundleError:
+        return False
+    return True
+
+
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A temp folder next to `out` that replaces `out` only if the block finishes; removed on any error."""
+    """A temp folder next to `out` that replaces `out` only if the block finishes; removed on any error.
+
+    An existing `out` is renamed aside, the new folder renamed in, and only then the old one deleted: a crash never
+    leaves neither.
+    """
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         yield stage
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        if not out.exists():
+            stage.rename(out)
+            return
+        old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        try:
+            stage.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

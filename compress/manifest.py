@@ -145,6 +145,14 @@ class Manifest:
     def default_variant(self) -> str:
         return self.data["default_variant"]
 
+    @property
+    def tokenizer_file(self) -> str | None:
+        """The tokenizer's path inside the bundle (text tasks and causal LMs); None for image classifiers."""
+        if self.task == "image-classification":
+            return None
+        section = self.data.get("tokenizer")
+        return str((section if isinstance(section, dict) else {}).get("file", TOKENIZER_FILE))
+
     def graph_path(self, variant: str | None = None, graph: str = "model") -> Path:
         """The file of one graph ("model" or, for causal LMs, "decoder") of a variant (default: default_variant)."""
         name = variant or self.default_variant
@@ -197,20 +205,40 @@ def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> Manifest:
     if data["default_variant"] not in data["variants"]:
         raise BundleError(f"{path}: default_variant {data['default_variant']!r} is not among the variants "
                           f"({', '.join(data['variants'])}); re-export the bundle")
-    files: dict[str, str] = data["files"]
+    files = _checked_files(root, data)
     for name, variant in data["variants"].items():
-        for graph in variant["graphs"].values():
-            if graph["file"] not in files:
-                raise BundleError(f"{path}: variant {name!r} names {graph['file']!r}, which is not in 'files'; "
+        graphs = variant.get("graphs") if isinstance(variant, dict) else None
+        if not isinstance(graphs, dict) or not graphs or not all(isinstance(g, dict) for g in graphs.values()):
+            raise BundleError(f"{path}: variant {name!r} has no 'graphs' mapping; re-export the bundle")
+        for graph in graphs.values():
+            if graph.get("file") not in files:
+                raise BundleError(f"{path}: variant {name!r} names {graph.get('file')!r}, which is not in 'files'; "
                                   "re-export the bundle")
+    manifest = Manifest(root, data)
+    if manifest.tokenizer_file is not None and manifest.tokenizer_file not in files:
+        raise BundleError(f"{path}: the tokenizer {manifest.tokenizer_file!r} is not in 'files'; re-export the bundle")
     for rel in files:
         if not (root / rel).is_file():
             raise BundleError(f"bundle {root} is incomplete: {rel} is missing (listed in {MANIFEST}); copy the whole "
                               "folder or re-export it")
-    manifest = Manifest(root, data)
     if verify:
         verify_files(manifest, files)
     return manifest
+
+
+def _checked_files(root: Path, data: dict[str, Any]) -> dict[str, str]:
+    """The manifest's `files` ({relative path: sha256}), every path inside the bundle folder."""
+    files, path = data["files"], root / MANIFEST
+    if not isinstance(data["variants"], dict) or not isinstance(files, dict) \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{path}: 'variants' and 'files' must be mappings (files: path -> sha256); re-export the "
+                          "bundle")
+    inside = root.resolve()
+    for rel in files:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not (root / rel).resolve().is_relative_to(inside):
+            raise BundleError(f"{path} lists {rel!r}, a path outside the bundle folder; a bundle only names its own "
+                              "files: re-export it")
+    return files
 
 
 def verify_files(manifest: Manifest, names: Iterable[str]) -> None:

@@ -97,10 +97,10 @@ def check_graph(session: Any, reference: Callable[[dict[str, np.ndarray]], dict[
 def _compare(case: Case, name: str, got: np.ndarray, want: np.ndarray, config: ParityConfig) -> _Diff:
     got, want = got.astype(np.float64), want.astype(np.float64)
     mask = np.broadcast_to(case.masks.get(name, np.ones((1,) * want.ndim, dtype=bool)), want.shape).astype(bool)
-    abs_diff = np.abs(got - want)
-    abs_diff[~np.isfinite(got) & np.isfinite(want)] = np.inf
+    finite = np.isfinite(got) & np.isfinite(want)
+    abs_diff = np.where(finite, np.abs(got - want), np.inf)  # NaN/inf on either side fails, even NaN vs NaN
     abs_diff[~mask] = 0.0
-    excess = np.where(mask, abs_diff - (config.atol + config.rtol * np.abs(want)), -np.inf)
+    excess = np.where(mask, np.where(finite, abs_diff - (config.atol + config.rtol * np.abs(want)), np.inf), -np.inf)
     big = mask & (np.abs(want) > config.atol)  # relative error is meaningless near zero
     max_rel = float((abs_diff[big] / np.abs(want[big])).max()) if big.any() else 0.0
     worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.size else ()

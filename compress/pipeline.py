@@ -40,12 +40,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.bundle import ExportConfig, Exported, add_variant, edit_manifest, export_run, optimize_variant, staged
+from compress.bundle import (
+    ExportConfig,
+    Exported,
+    add_variant,
+    bundle_destination,
+    edit_manifest,
+    export_run,
+    optimize_variant,
+    staged,
+)
 from compress.distill import DistillConfig, distill_run
 from compress.errors import ExportError
 from compress.export import DEFAULT_OPSET
 from compress.latency import LatencyConfig, measure, ort_runner, torch_runner
-from compress.manifest import BundleError, Manifest, read_manifest
+from compress.manifest import Manifest, read_manifest
 from compress.metric_gate import GateConfig
 from compress.optimize import DEFAULT_SKIP_FUSIONS, session_settings
 from compress.parity import ParityConfig
@@ -167,9 +176,7 @@ class StageKind:
 def run_pipeline(cfg: CompressConfig) -> Manifest:
     """Apply the stages to the run, time every variant, choose the default, write the report; return the manifest."""
     stages = plan_stages(cfg.stages)
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise BundleError(f"{out} already exists and is not empty; choose another `out` or set overwrite=true")
+    out = bundle_destination(cfg.out, overwrite=cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Quantization attempts and derived exports go to a work folder on the bundle's disk (graphs can be GBs).
     with staged(out) as bundle, tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:

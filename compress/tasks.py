@@ -255,7 +255,8 @@ class CausalLMExport(TaskExport):
             "labels": None,
             "text": {"max_length": block_size, "text_column": None, "text_pair_column": None},
             "tokenizer": tokenizer_section(hf, max_length=None, padding_side="left", pad_token_id=pad),
-            "generation": {**(run.meta.get("generation") or {}), **self.generation_ids},
+            "generation": {**(run.meta.get("generation") or {}), **self.generation_ids,
+                           "max_positions": getattr(model.config, "max_position_embeddings", None)},
             "chat_template": getattr(hf, "chat_template", None),
             "cache": self.cache,
         }

@@ -210,8 +210,7 @@ def _generation_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> 
         rows: list[list[Any]] = []
         for model in selected:
             generator = model.predictor()
-            text = generator.chat_prompt([{"role": "user", "content": prompt}]) if as_chat and \
-                generator.chat_template else prompt
+            text = [{"role": "user", "content": prompt}] if as_chat and generator.chat_template else prompt
             start, first, count, pieces = time.perf_counter(), None, 0, Detokenizer(generator.tokenizer)
             try:
                 for token in generator.tokens(text, **settings):

@@ -17,6 +17,8 @@ import numpy as np
 from compress.decoding import Step, decode_loop
 from serve.errors import InputError
 
+Prompt = str | list[dict[str, str]]  # a text, or a conversation rendered by the chat template
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,11 +115,12 @@ class TextGenerator:
 
     def __init__(self, tokenizer: Any, step: Step, *, defaults: GenerationSettings,
                  eos_token_id: int | list[int] | None, pad_token_id: int, max_length: int | None = None,
-                 chat_template: str | None = None,
+                 max_positions: int | None = None, chat_template: str | None = None,
                  special_tokens: dict[str, str] | None = None, name: str = "text generator"):
         self.tokenizer, self.step, self.defaults, self.name = tokenizer, step, defaults, name
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.max_length, self.chat_template = max_length, chat_template
+        self.max_length, self.chat_template = max_length, chat_template  # max_length: the training block size
+        self.max_positions = max_positions  # the model's positions: prompt + new tokens must fit
         self.special_tokens = special_tokens or {}  # e.g. {"bos_token": "<s>"}: names chat templates refer to
 
     def settings(self, **overrides: Any) -> GenerationSettings:
@@ -128,10 +131,11 @@ class TextGenerator:
                              f"{', '.join(GenerationSettings.__dataclass_fields__)}")
         return replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
 
-    def generate(self, prompt: str, **settings: Any) -> Iterator[str]:
+    def generate(self, prompt: Prompt, **settings: Any) -> Iterator[str]:
         """Stream the continuation of `prompt` as text pieces (a piece may hold several tokens, or wait for the next
-        token to complete a character). Settings: max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-        do_sample, seed; unset ones take the bundle's defaults."""
+        token to complete a character). A conversation ([{"role", "content"}, ...]) goes through the chat template.
+        Settings: max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample, seed; unset ones take
+        the bundle's defaults."""
         text = Detokenizer(self.tokenizer)
         for token in self.tokens(prompt, **settings):
             if piece := text.push(token):
@@ -139,22 +143,24 @@ class TextGenerator:
         if rest := text.flush():
             yield rest
 
-    def complete(self, prompt: str, **settings: Any) -> str:
+    def complete(self, prompt: Prompt, **settings: Any) -> str:
         """The whole continuation of `prompt` as one string."""
         return "".join(self.generate(prompt, **settings))
 
-    def tokens(self, prompt: str, **settings: Any) -> Iterator[int]:
+    def tokens(self, prompt: Prompt, **settings: Any) -> Iterator[int]:
         """Stream the generated token ids (EOS, when produced, is the last one)."""
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
         chosen = self.settings(**settings)
-        ids = self.tokenizer.encode(prompt).ids
-        if not ids:
-            raise InputError("the prompt encodes to no tokens; pass some text")
-        if self.max_length and len(ids) > self.max_length:
-            logger.warning("the prompt has %d tokens, over the model's training length of %d; only its last %d "
-                           "tokens are used", len(ids), self.max_length, self.max_length)
-            ids = ids[-self.max_length:]
+        ids = self.prompt_ids(prompt)
+        limit = self.max_length
+        if self.max_positions:
+            if chosen.max_new_tokens >= self.max_positions:
+                raise InputError(f"max_new_tokens={chosen.max_new_tokens} leaves no room for the prompt: the model "
+                                 f"has {self.max_positions} positions; ask for at most {self.max_positions - 1}")
+            limit = min(limit or self.max_positions, self.max_positions - chosen.max_new_tokens)
+        if limit and len(ids) > limit:
+            logger.warning("the prompt has %d tokens, over the %d the model takes with max_new_tokens=%d; only its "
+                           "last %d tokens are used", len(ids), limit, chosen.max_new_tokens, limit)
+            ids = ids[-limit:]
         input_ids = np.array([ids], dtype=np.int64)
         sampler = Sampler(chosen, input_ids)
         for token, _ in decode_loop(self.step, input_ids, np.ones_like(input_ids), choose=sampler,
@@ -162,11 +168,28 @@ class TextGenerator:
                                     pad_token_id=self.pad_token_id):
             yield int(token[0])
 
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The token ids generation starts from: a text with the tokenizer's special tokens, or a conversation
+        rendered by the chat template, which writes its own (as apply_chat_template does: no second BOS)."""
+        if isinstance(prompt, list):
+            ids = self.tokenizer.encode(self.chat_prompt(prompt), add_special_tokens=False).ids
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            raise InputError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+        if not ids:
+            raise InputError("the prompt encodes to no tokens; pass some text")
+        return ids
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt for a conversation ([{"role", "content"}, ...]) through the bundle's chat template, rendered as
         transformers' apply_chat_template does (needs jinja2, which the demo extra installs)."""
         if not self.chat_template:
             raise InputError("this model has no chat template; pass a plain prompt to generate()")
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            raise InputError("a conversation is a list of {'role': str, 'content': str} messages; pass a str for "
+                             "a plain prompt")
         try:
             from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment

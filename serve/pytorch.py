@@ -62,6 +62,7 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
     return TextGenerator(tokenizer, torch_step(model, forward_input_names(model, LM_INPUTS)),
                          defaults=GenerationSettings.from_manifest(meta.get("generation")), eos_token_id=eos,
                          pad_token_id=pad, max_length=meta.get("block_size"),
+                         max_positions=getattr(model.config, "max_position_embeddings", None),
                          chat_template=getattr(hf, "chat_template", None), special_tokens=special, name=name)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.decoding import onnx_step
-from compress.manifest import BundleError, Manifest, read_manifest, verify_files
+from compress.manifest import TOKENIZER_FILE, BundleError, Manifest, read_manifest, verify_files
 from finetune.image_preprocessing import PreprocessingSpec
 from serve.batching import BatchingConfig
 from serve.errors import ServeError
@@ -48,9 +48,8 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
     data = manifest.data
     if verify:
         graph = "decoder" if manifest.task == "causal-lm" else "model"
-        used = [manifest.graph_path(name, graph).relative_to(manifest.path).as_posix(),
-                (data.get("tokenizer") or {}).get("file")]
-        verify_files(manifest, [f for f in used if f in data["files"]])
+        used = [manifest.graph_path(name, graph).relative_to(manifest.path).as_posix(), manifest.tokenizer_file]
+        verify_files(manifest, [f for f in used if f is not None])
     label = f"{manifest.path.name}/{name}"
     if manifest.task == "causal-lm":
         if batching is not None:
@@ -81,7 +80,8 @@ def load_generator(manifest: Manifest, variant: str, *, threads: int | None = No
     return TextGenerator(tokenizer, onnx_step(decoder, data["cache"]),
                          defaults=GenerationSettings.from_manifest(generation),
                          eos_token_id=generation.get("eos_token_id"), pad_token_id=generation["pad_token_id"],
-                         max_length=(data.get("text") or {}).get("max_length"), chat_template=data.get("chat_template"),
+                         max_length=(data.get("text") or {}).get("max_length"),
+                         max_positions=generation.get("max_positions"), chat_template=data.get("chat_template"),
                          special_tokens=special, name=f"{manifest.path.name}/{variant}")
 
 
@@ -89,7 +89,7 @@ def load_tokenizer(manifest: Manifest) -> Any:
     """The bundle's tokenizer.json (training's truncation and padding are set in the file)."""
     from tokenizers import Tokenizer
 
-    path = manifest.path / (manifest.data.get("tokenizer") or {}).get("file", "tokenizer.json")
+    path = manifest.path / (manifest.tokenizer_file or TOKENIZER_FILE)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for unreadable files

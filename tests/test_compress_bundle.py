@@ -69,6 +69,11 @@ def test_read_manifest_refuses_a_changed_file(bundle: Path):
     ({"format": "something-else"}, "is not a tuneforge-bundle manifest (format: 'something-else')"),
     ({"task": "speech"}, "is for task 'speech', which this tuneforge does not know"),
     ({"default_variant": "int8"}, "default_variant 'int8' is not among the variants (fp32)"),
+    ({"files": ["fp32.onnx"]}, "'variants' and 'files' must be mappings"),
+    ({"files": {"../outside.onnx": "0" * 64}}, "lists '../outside.onnx', a path outside the bundle folder"),
+    ({"files": {"/etc/hostname": "0" * 64}}, "lists '/etc/hostname', a path outside the bundle folder"),
+    ({"variants": {"fp32": {}}}, "variant 'fp32' has no 'graphs' mapping"),
+    ({"task": "text-classification"}, "the tokenizer 'tokenizer.json' is not in 'files'"),
 ])
 def test_read_manifest_names_what_is_wrong(bundle: Path, changes: dict, expected: str):
     edit_manifest(bundle, **changes)
@@ -88,6 +93,27 @@ def test_read_manifest_of_a_folder_that_is_not_a_bundle(tmp_path: Path):
 
 
 # --- the writer ----------------------------------------------------------------------------------------------------
+
+def test_overwrite_replaces_a_bundle_and_nothing_else(image_run: Path, bundle: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    for target in (notes, image_run):  # a folder of other files, the source run itself
+        with pytest.raises(BundleError, match="it is not a bundle"):
+            export_bundle(image_run, target, overwrite=True)
+    assert (notes / "keep.txt").read_text() == "mine" and (image_run / "model").is_dir()
+
+    (bundle / "stale.txt").write_text("from the old bundle")
+    assert export_bundle(image_run, bundle, overwrite=True).path == bundle
+    assert not (bundle / "stale.txt").exists() and read_manifest(bundle).variants.keys() == {"fp32"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "notes"]  # no temp or old folder left
+
+    monkeypatch.chdir(bundle)
+    with pytest.raises(BundleError, match="the current folder is inside it"):
+        export_bundle(image_run, ".", overwrite=True)
+    assert read_manifest(bundle).variants.keys() == {"fp32"}
+
 
 def test_add_variant_commits_through_the_manifest(bundle: Path, tmp_path: Path):
     copy = tmp_path / "elsewhere.onnx"
@@ -152,6 +178,13 @@ def test_gate_fails_beyond_tolerance_naming_the_worst_element():
     message = str(err.value)
     assert message.startswith("test graph does not match PyTorch (atol 0.0001, rtol 0.001, top-1 >= 100%)")
     assert "logits [batch 2]: max abs diff 0.5 (onnx 3.5 vs torch 3 at [1, 2])" in message
+
+
+def test_gate_fails_when_the_reference_itself_is_nan():
+    want = np.array([[np.nan, 1.0]], dtype=np.float32)
+    for got in (np.array([[np.nan, 50.0]], dtype=np.float32), np.array([[np.nan, 1.0]], dtype=np.float32)):
+        with pytest.raises(ParityError, match=r"onnx nan vs torch nan at \[0, 0\]"):
+            gate(got, want, ParityConfig())
 
 
 def test_gate_fails_on_nan_and_ignores_masked_positions():

@@ -23,7 +23,7 @@ from PIL import Image
 from compress.manifest import BundleError
 from serve import runtime
 from serve.errors import InputError, ServeError
-from serve.generation import GenerationSettings, Sampler
+from serve.generation import GenerationSettings, Sampler, TextGenerator
 from serve.pytorch import load_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -256,6 +256,41 @@ def test_generation_streams_text_and_sampling_repeats_with_a_seed(serve_lm_bundl
                                                                        add_generation_prompt=True)
 
 
+def test_prompt_and_new_tokens_fit_the_models_positions(gpt2_bundle: tuple[Path, Path],
+                                                        caplog: pytest.LogCaptureFixture):
+    """GPT-2 has learned positions (128 here): a long prompt is cut so that prompt + max_new_tokens fit, in the
+    runtime and in the PyTorch path alike."""
+    run, bundle = gpt2_bundle
+    generator = runtime.load(bundle)
+    assert generator.max_positions == 128
+    prompt = " ".join(PROMPTS) * 20
+    assert len(generator.prompt_ids(prompt)) > 128
+    got = list(generator.tokens(prompt, max_new_tokens=100, do_sample=False))
+    assert "only its last 28 tokens are used" in caplog.text
+    assert got == list(load_run(run).tokens(prompt, max_new_tokens=100, do_sample=False))
+
+
+def test_chat_prompts_tokenize_as_apply_chat_template():
+    """A template that writes BOS itself, with a tokenizer that also adds one: the conversation gets one BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf.chat_template = template
+    generator = TextGenerator(tok, step=None, defaults=GenerationSettings(), eos_token_id=1, pad_token_id=1,
+                              chat_template=template, special_tokens={"bos_token": "<s>"})
+    messages = [{"role": "user", "content": "hello world"}]
+    want = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert generator.prompt_ids(messages) == want["input_ids"] == [0, 3, 4]
+    assert generator.prompt_ids("hello world") == [0, 3, 4]  # a plain prompt keeps the tokenizer's BOS
+
+
 def test_sampling_rules_match_transformers_logits_processors():
     """Repetition penalty, temperature, top-k and top-p keep exactly the tokens transformers keeps, with the same
     scores; a draw only ever picks a kept token."""
@@ -375,8 +410,14 @@ def test_clear_errors_for_bundles_and_inputs(serve_pair_bundle: Path, serve_lm_b
         next(generator.generate("hi", top_p=0.0))
     with pytest.raises(InputError, match=r"unknown generation settings \['beams'\]"):
         next(generator.generate("hi", beams=2))
-    with pytest.raises(InputError, match="prompt must be a str"):
+    with pytest.raises(InputError, match="prompt must be a str or a list of chat messages"):
+        next(generator.generate(3))
+    with pytest.raises(InputError, match=r"a conversation is a list of \{'role': str, 'content': str\} messages"):
         next(generator.generate(["hi"]))
+    positions = generator.max_positions  # recorded in the bundle from the model's config
+    with pytest.raises(InputError, match=f"max_new_tokens={positions} leaves no room for the prompt: the model has "
+                                         f"{positions} positions; ask for at most {positions - 1}"):
+        next(generator.generate("hi", max_new_tokens=positions))
     with pytest.raises(ServeError, match="micro-batching applies to classifiers"):
         runtime.load(serve_lm_bundle, batching=runtime.BatchingConfig())
 
