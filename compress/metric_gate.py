@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from compress.errors import ExportError
 from compress.parity import ParityConfig
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "precision": True, "recall": True, "mcc": True, "roc_auc": True,
@@ -57,8 +58,9 @@ def metric_verdict(metrics: dict[str, Any] | None, reference_metrics: dict[str, 
     """The manifest's `metric_gate` record: did `metrics` keep `metric` within `max_relative_drop` of the
     reference variant's?"""
     if not metrics or not reference_metrics or metric not in metrics or metric not in reference_metrics:
-        raise ValueError(f"the metric gate needs {metric!r} for the variant and its reference {reference!r}; the run "
-                         "has no readable eval split or the metric is not one the task computes")
+        raise ExportError(f"the metric gate needs {metric!r} for the variant and its reference {reference!r}; the "
+                          "run has no readable eval split, the export stage has `evaluate: false`, or the metric is "
+                          "not one the task computes")
     value, ref = float(metrics[metric]), float(reference_metrics[metric])
     loss = (ref - value) if higher_is_better else (value - ref)
     drop = loss / abs(ref) if ref != 0 else loss

@@ -192,7 +192,8 @@ def plan_stages(entries: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     """Typed settings for every stage entry, checked before any work: one kind per entry, known kinds and keys, an
     export before the stages that need graphs, no two variants with one name."""
     plan, exported, names = [], False, set()
-    source_state: tuple[bool, set[str]] | None = None  # the source model's (exported, names) once another came
+    unscored: str | None = None  # the export stage that set `evaluate: false` (quantize's metric gate needs it)
+    source_state: tuple[bool, set[str], str | None] | None = None  # the source model's state once another came
     prefixes: list[str] = []  # one per run-to-run stage: a name used twice would overwrite the other's variants
     for i, entry in enumerate(entries):
         where = f"stages[{i}]"
@@ -208,11 +209,14 @@ def plan_stages(entries: list[dict[str, Any]]) -> list[tuple[str, Any]]:
         settings = config_from_dict(STAGES[kind].config, options or {}, prefix=f"{where}.{kind}.")
         if kind in ("optimize", "quantize") and not exported:
             raise ConfigError(f"{where}: a {kind} stage needs an export stage of the same model before it")
+        if kind == "quantize" and unscored:
+            raise ConfigError(f"{where}: a quantize stage gates on the eval metric of the fp32 graph, which "
+                              f"{unscored} does not record (evaluate: false); remove that setting")
         if kind == "source":
             if source_state is None:
                 raise ConfigError(f"{where}: a source stage goes back to the source run after a prune or distill "
                                   "stage; there is none before it")
-            exported, names = source_state
+            exported, names, unscored = source_state
             plan.append((kind, settings))
             continue
         if STAGES[kind].new_model:
@@ -220,9 +224,11 @@ def plan_stages(entries: list[dict[str, Any]]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"{where}: a second {kind} stage would overwrite the first one's run and variants; "
                                   "use one per config")
             prefixes.append(kind)
-            source_state = source_state or (exported, names)
-            names = set()
+            source_state = source_state or (exported, names, unscored)
+            names, unscored = set(), None
         exported = (exported or kind == "export") and not STAGES[kind].new_model
+        if kind == "export":
+            unscored = None if settings.evaluate else f"{where}.export"
         name = settings.name if kind == "quantize" else None
         if name is not None:
             if name in names:

@@ -137,6 +137,8 @@ def test_shipped_compress_configs_exist():
     ([{"export": {}}, {"quantize": {}}, {"quantize": {}}], "two quantize stages are named 'int8-dynamic'"),
     ([{"export": {}, "optimize": {}}], "stages[0] must name one stage"),
     ([{"export": {}}, {"quantize": {"method": "static", "source": "optimized"}}], "static quantization calibrates"),
+    ([{"export": {"evaluate": False}}, {"quantize": {}}], "stages[1]: a quantize stage gates on the eval metric of "
+                                                          "the fp32 graph, which stages[0].export does not record"),
 ])
 def test_plan_refuses_a_bad_stage_list_before_any_work(stages: list, message: str):
     with pytest.raises(ConfigError) as err:
