@@ -33,6 +33,7 @@ from compress.optimize import DEFAULT_SKIP_FUSIONS, optimization_settings, optim
 from compress.parity import ParityConfig, check_generation, check_graph, open_session
 from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
+from finetune.rundir import replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -252,28 +253,15 @@ def _is_bundle(path: Path) -> bool:
 
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A temp folder next to `out` that replaces `out` only if the block finishes; removed on any error.
-
-    An existing `out` is renamed aside, the new folder renamed in, and only then the old one deleted: a crash never
-    leaves neither.
-    """
+    """A temp folder next to `out` that replaces `out` (see `replace_folder`) only if the block finishes; removed
+    on any error."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         yield stage
-        if not out.exists():
-            stage.rename(out)
-            return
-        old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        try:
-            stage.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune.errors import CheckpointError, ConfigError
-from finetune.rundir import write_json
+from finetune.rundir import MODEL_DIR, TASK_FILE, replace_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ class TrainState:
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether `value` beats `best` by more than `min_delta` in direction `mode`."""
-    if best is None:
+    """Whether `value` beats `best` by more than `min_delta` in direction `mode` (NaN never does; anything else
+    beats no best)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
@@ -84,6 +88,11 @@ def update_early_stopping(state: TrainState, metrics: dict[str, float], cfg: Ear
     else:
         state.stale_evals += 1
     return state.stale_evals >= cfg.patience
+
+
+def stopped_early(state: TrainState, cfg: EarlyStoppingConfig) -> bool:
+    """Whether a resumed run had already been stopped by early stopping (with the patience configured now)."""
+    return 0 < cfg.patience <= state.stale_evals
 
 
 def metric_value(metrics: dict[str, Any], name: str, key: str) -> float:
@@ -115,20 +124,36 @@ class CheckpointManager:
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_json(tmp / STATE_FILE, dataclasses.asdict(state))
-            if final.exists():  # the same step saved again after a resume
-                shutil.rmtree(final)
-            tmp.rename(final)
+            replace_folder(tmp, final)  # a step saved again after a resume replaces its old copy
             self._rotate()
             logger.info("checkpoint saved: %s", final)
         acc.wait_for_everyone()
         return final
 
     def load(self, path: Path) -> TrainState:
-        """Restore model, optimizer, scheduler and RNG states from `path`; return the loop position."""
+        """Restore model, optimizer, scheduler and RNG states from `path`; return the loop position.
+
+        Checkpoints of this run newer than `path` belong to the abandoned continuation: they move to
+        `checkpoints/superseded/`, so that rotation and `resume_from=latest` see the resumed line only.
+        """
         self.accelerator.load_state(str(path))
         state = read_train_state(path)
+        if self.accelerator.is_main_process:
+            self._supersede_after(state.global_step)
+        self.accelerator.wait_for_everyone()
         logger.info("resumed from %s at step %d", path, state.global_step)
-        return state
+        return resume_state(self.dir.parent, path)
+
+    def _supersede_after(self, step: int) -> None:
+        for later in complete_checkpoints(self.dir.parent):
+            if int(_STEP_DIR.match(later.name).group(1)) > step:
+                aside = self.dir / "superseded" / later.name
+                while aside.exists():
+                    aside = aside.with_name(aside.name + "+")
+                aside.parent.mkdir(exist_ok=True)
+                later.rename(aside)
+                logger.warning("resumed at step %d: the later checkpoint %s moved to %s (delete it when no longer "
+                               "needed)", step, later.name, aside)
 
     def _rotate(self) -> None:
         for old in complete_checkpoints(self.dir.parent)[:-self.cfg.keep_last]:
@@ -160,6 +185,18 @@ def resolve_checkpoint(run_dir: str | Path, resume_from: str) -> Path:
         raise CheckpointError(f"{resume_from!r} is not a complete checkpoint (no {STATE_FILE}); use "
                               "checkpoint.resume_from=latest or a checkpoints/step_N folder")
     return path
+
+
+def resume_state(run_dir: str | Path, checkpoint: str | Path | None) -> TrainState:
+    """The loop position a run starts from: fresh, or the checkpoint's. The best metric is forgotten when the run
+    directory has no saved model (a checkpoint of another run, or a model save cut short), so that the first
+    evaluation writes model/."""
+    if checkpoint is None:
+        return TrainState()
+    state = read_train_state(checkpoint)
+    if not (Path(run_dir) / MODEL_DIR / TASK_FILE).is_file():
+        state.best_metric = state.best_step = None
+    return state
 
 
 def read_train_state(checkpoint: str | Path) -> TrainState:

@@ -25,13 +25,17 @@ T = TypeVar("T")
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """YAML 1.2-style scalars: booleans are only true/false; floats need no dot (`2e-5`)."""
+    """YAML 1.2-style scalars: booleans are only true/false; floats need no dot (`2e-5`); integers are decimal
+    (or 0x hex), never YAML 1.1 octal or base 60."""
 
 
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    first: [(tag, rx) for tag, rx in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_StrictLoader.add_implicit_resolver(  # no YAML 1.1 octal (010 is not 8) or base 60 (1:30 is not 90)
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _StrictLoader.add_implicit_resolver(
@@ -105,7 +109,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         key, _, raw = item.partition("=")
         if not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        value = yaml_load(raw, source=f"override {key}") if raw.strip() else ""
+        value = yaml_load(raw, source=f"override {key}") if raw.strip() else None  # `key=` unsets, as `key:` does
         node = merged
         parts = key.split(".")
         for part in parts[:-1]:
@@ -182,9 +186,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = get_origin(hint)
     if hint is Any:
         return value
+    optional = origin in (Union, types.UnionType) and type(None) in get_args(hint)
+    if value is None and not optional:
+        raise ConfigError(f"{key} needs a value ({_type_name(hint)}); it cannot be empty")
     if origin in (Union, types.UnionType):
         args = get_args(hint)
-        if value is None and type(None) in args:
+        if value is None:
             return None
         candidates = [a for a in args if a is not type(None)]
         errors = []

@@ -138,6 +138,8 @@ def _embedded_files(name: str, eval_src: str | None) -> tuple[str, str | None]:
 
 def check_local(source: str, key: str) -> None:
     """A source that looks like a file path (not a hub id or split name) must exist."""
+    if not source.strip():
+        raise DataError(f"{key} is empty; set it to a data file, a folder of them, or a hub dataset id")
     looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS
     if looks_local and not Path(source).expanduser().exists():
         raise DataError(f"data file {source!r} does not exist; fix {key} (paths are relative to {Path.cwd()})")

@@ -214,9 +214,13 @@ def select_and_stop(accelerator: Accelerator, state: TrainState, metrics: dict[s
     return whether early stopping says to stop."""
     accelerator.log(scalars(metrics), step=state.global_step)
     value = metric_value(metrics, checkpoint.best_metric, "checkpoint.best_metric")
-    if not checkpoint.select_best or improved(value, state.best_metric, checkpoint.best_mode):
-        if checkpoint.select_best:
-            state.best_metric, state.best_step = value, state.global_step
+    if math.isnan(value):
+        logger.warning("checkpoint.best_metric %s is NaN at step %d: not a best model", checkpoint.best_metric,
+                       state.global_step)
+    if not checkpoint.select_best or state.best_step is None or improved(value, state.best_metric,
+                                                                          checkpoint.best_mode):
+        if checkpoint.select_best:  # the first model is kept even if NaN, so that the run always has one
+            state.best_metric, state.best_step = None if math.isnan(value) else value, state.global_step
         save_model()
     return update_early_stopping(state, metrics, early_stopping)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,17 @@ def prepare_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwri
     """
     run_dir = Path(path)
     occupied = run_dir.exists() and any(run_dir.iterdir())
-    if occupied and not resume and not overwrite:
-        raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
-                          "continue it, train.overwrite=true to replace it, or another train.output_dir")
+    if occupied and not resume:
+        if not overwrite:
+            raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
+                              "continue it, train.overwrite=true to replace it, or another train.output_dir")
+        if not is_run_dir(run_dir):
+            raise ConfigError(f"refusing to replace {run_dir}: it holds files but is not a run directory (no "
+                              "config.yaml and logs/), and train.overwrite only replaces a run; choose a new "
+                              "train.output_dir")
+        if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
+            raise ConfigError(f"refusing to replace {run_dir}: the current folder is inside it; choose another "
+                              "train.output_dir")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if occupied and not resume:
@@ -33,6 +42,27 @@ def prepare_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwri
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` looks like a run directory a recipe wrote (its config.yaml and logs/)."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "logs").is_dir()
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Move the finished folder `new` to `dest`, replacing what is there: the old one is renamed aside first and
+    deleted last, so a crash in between leaves one of them in place or beside it, never neither."""
+    if not dest.exists():
+        new.rename(dest)
+        return
+    old = dest.with_name(f".old-{dest.name}-{uuid.uuid4().hex[:8]}")
+    dest.rename(old)
+    try:
+        new.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -61,9 +91,7 @@ def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Pat
             if processor is not None:
                 processor.save_pretrained(tmp)
             write_json(tmp / TASK_FILE, task)
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            replace_folder(tmp, path)
 
     unwrapped = accelerator.unwrap_model(model)
     if is_peft_model(unwrapped):  # every process merges and unmerges, so the replicas stay identical

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import CheckpointConfig, CheckpointManager, EarlyStoppingConfig, TrainState, read_train_state
+from finetune.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    EarlyStoppingConfig,
+    resume_state,
+    stopped_early,
+)
 from finetune.config import config_to_dict, parse_config
 from finetune.data import build_dataloaders
 from finetune.errors import exit_on_user_error
@@ -67,7 +73,7 @@ def main(cfg: Config) -> dict[str, Any]:
     parameters = count_parameters(model)
     optimizer = build_optimizer(model, cfg.optim)  # trainable parameters only
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    state = read_train_state(resume) if resume else TrainState()  # the loop's position: step, epoch, best metric
+    state = resume_state(run_dir, resume)  # the loop's position: step, epoch, best metric
     clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
                       show_progress=accelerator.is_local_main_process)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.optim, clock.total_steps))
@@ -94,7 +100,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # 5. The loop: accumulate, clip, step; evaluate, checkpoint and stop early on schedule.
     losses = LossMeter(accelerator.device)
     metrics: dict[str, Any] = {}
-    stop = False
+    stop = stopped_early(state, cfg.early_stopping)  # a resumed run that had stopped early stays stopped
     model.train()
     while not stop and not clock.done:
         for batch in clock.epoch_batches(accelerator, train_loader):

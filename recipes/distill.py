@@ -22,7 +22,13 @@ import torch
 
 from compress.distill import every_other_layer, kd_loss, layer_subset_student
 from compress.source import load_model, load_tokenizer, read_run
-from finetune.checkpoint import CheckpointConfig, CheckpointManager, EarlyStoppingConfig, TrainState, read_train_state
+from finetune.checkpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    EarlyStoppingConfig,
+    resume_state,
+    stopped_early,
+)
 from finetune.config import config_from_dict, config_to_dict, parse_config
 from finetune.errors import ConfigError, exit_on_user_error
 from finetune.evaluation import predict, score_classifier
@@ -82,7 +88,7 @@ def main(cfg: Config) -> dict[str, Any]:
     model = build_student(cfg, teacher, teacher_run)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    state = read_train_state(resume) if resume else TrainState()
+    state = resume_state(run_dir, resume)
     clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
                       show_progress=accelerator.is_local_main_process)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.optim, clock.total_steps))
@@ -113,7 +119,7 @@ def main(cfg: Config) -> dict[str, Any]:
     # 5. The loop: teacher logits (cached or on the fly), KD loss, accumulate, clip, step; evaluate and checkpoint.
     losses = LossMeter(accelerator.device)
     metrics: dict[str, Any] = {}
-    stop = False
+    stop = stopped_early(state, cfg.early_stopping)  # a resumed run that had stopped early stays stopped
     model.train()
     while not stop and not clock.done:
         for batch in clock.epoch_batches(accelerator, train_loader):

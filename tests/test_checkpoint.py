@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,9 +21,12 @@ from finetune.checkpoint import (
     metric_value,
     read_train_state,
     resolve_checkpoint,
+    resume_state,
+    stopped_early,
     update_early_stopping,
 )
 from finetune.errors import CheckpointError, ConfigError
+from finetune.loop import select_and_stop
 from finetune.rundir import prepare_run_dir, write_json
 
 
@@ -136,6 +140,29 @@ def test_resolve_a_path(tmp_path):
         resolve_checkpoint(tmp_path, str(tmp_path / "missing"))
 
 
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(accelerator, trained, tmp_path):
+    checkpoints = manager(accelerator, tmp_path, keep_last=2)
+    for step in (2, 4):
+        checkpoints.save(TrainState(global_step=step))
+    checkpoints.load(tmp_path / "checkpoints" / "step_2")  # step_4 diverged: go back
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_2"]
+    assert (tmp_path / "checkpoints" / "superseded" / "step_4" / STATE_FILE).is_file()
+    checkpoints.save(TrainState(global_step=3))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_2", "step_3"]  # the one resumed from is kept
+    assert resolve_checkpoint(tmp_path, "latest").name == "step_3"
+
+
+def test_resume_state_forgets_a_best_metric_without_a_saved_model(tmp_path):
+    source = fake_checkpoint(tmp_path / "a", "step_4")
+    write_json(source / STATE_FILE, dataclasses.asdict(TrainState(global_step=4, best_metric=0.9, best_step=4)))
+    assert resume_state(tmp_path / "b", None) == TrainState()
+    fresh = resume_state(tmp_path / "b", source)  # another run's checkpoint, into a new folder: no model/ there
+    assert (fresh.global_step, fresh.best_metric, fresh.best_step) == (4, None, None)
+    (tmp_path / "a" / "model").mkdir()
+    write_json(tmp_path / "a" / "model" / "tuneforge.json", {})
+    assert resume_state(tmp_path / "a", source).best_metric == 0.9
+
+
 def test_load_restores_weights_optimizer_and_train_state(accelerator, trained, tmp_path):
     model, optimizer, scheduler = trained
     state = TrainState(global_step=2, epoch=0, step_in_epoch=2, samples_seen=32, stale_evals=1,
@@ -166,6 +193,8 @@ def test_load_restores_weights_optimizer_and_train_state(accelerator, trained, t
 
 def test_improved():
     assert improved(1.0, None, "min") and improved(1.0, None, "max")
+    assert not improved(float("nan"), None, "min") and not improved(float("nan"), 1.0, "max")
+    assert improved(5.0, float("nan"), "min") and improved(0.0, float("nan"), "max")
     assert improved(0.9, 1.0, "min") and not improved(1.0, 1.0, "min") and not improved(1.1, 1.0, "min")
     assert improved(1.1, 1.0, "max") and not improved(1.0, 1.0, "max") and not improved(0.9, 1.0, "max")
     assert not improved(0.95, 1.0, "min", min_delta=0.1) and improved(0.85, 1.0, "min", min_delta=0.1)
@@ -194,6 +223,24 @@ def test_early_stopping_min_delta():
     stops, state = run_early_stopping([1.0, 0.97, 0.96, 0.9], cfg)
     assert stops == [False, False, True, False]  # 0.97 and 0.96 improve by less than 0.05
     assert state.early_stopping_best == 0.9 and state.stale_evals == 0
+
+
+def test_a_run_stopped_early_stays_stopped_on_resume():
+    _, state = run_early_stopping([1.0, 1.1, 1.2], EarlyStoppingConfig(patience=2))
+    assert stopped_early(state, EarlyStoppingConfig(patience=2))
+    assert not stopped_early(state, EarlyStoppingConfig(patience=3))  # resumed with more patience: go on
+    assert not stopped_early(state, EarlyStoppingConfig(patience=0))
+
+
+def test_select_and_stop_keeps_a_model_when_the_metric_is_nan():
+    accelerator, cfg, saved = SimpleNamespace(log=lambda *a, **k: None), CheckpointConfig(), []
+    state = TrainState()
+    for step, loss in enumerate([float("nan"), 0.7, float("nan"), 0.5, 0.6], start=1):
+        state.global_step = step
+        select_and_stop(accelerator, state, {"eval_loss": loss}, cfg, EarlyStoppingConfig(),
+                        lambda: saved.append(state.global_step))
+    assert saved == [1, 2, 4]  # the first model (NaN) so the run has one, then each finite best
+    assert (state.best_metric, state.best_step) == (0.5, 4)
 
 
 def test_patience_zero_never_stops():
@@ -233,6 +280,8 @@ def test_prepare_run_dir_creates_a_fresh_folder(accelerator, tmp_path):
 def occupied_run(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "model").mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    (run_dir / "config.yaml").write_text("task: classification\n")
     (run_dir / "metrics.json").write_text("{}")
     return run_dir
 
@@ -251,6 +300,21 @@ def test_prepare_run_dir_overwrite_replaces(accelerator, tmp_path):
     run_dir = occupied_run(tmp_path)
     prepare_run_dir(accelerator, run_dir, resume=False, overwrite=True)
     assert sorted(p.name for p in run_dir.iterdir()) == ["logs"]
+
+
+def test_prepare_run_dir_overwrite_replaces_only_a_run(accelerator, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"is not a run directory .* choose a new train\.output_dir"):
+        prepare_run_dir(accelerator, project, resume=False, overwrite=True)
+    assert (project / "notes.txt").read_text() == "mine" and (project / "src").is_dir()
+
+    run_dir = occupied_run(tmp_path)
+    monkeypatch.chdir(run_dir / "model")
+    with pytest.raises(ConfigError, match="the current folder is inside it"):
+        prepare_run_dir(accelerator, run_dir, resume=False, overwrite=True)
+    assert (run_dir / "metrics.json").is_file()
 
 
 def test_prepare_run_dir_resume_keeps_contents(accelerator, tmp_path):

@@ -105,6 +105,21 @@ def test_optional_field_takes_null_or_value():
         load_config(Outer, overrides=["limit=abc"])
 
 
+def test_empty_override_unsets_an_optional_field_and_is_refused_elsewhere():
+    assert load_config(Outer, overrides=["limit=5", "limit="]).limit is None  # `key=` is `key:` in YAML: null
+    with pytest.raises(ConfigError, match=r"inner\.name needs a value \(str\); it cannot be empty"):
+        load_config(Outer, overrides=["inner.name="])
+    assert load_config(Outer, overrides=["inner.name=''"]).inner.name == ""  # an empty string, when meant
+
+
+def test_integers_are_yaml_1_2_not_octal_or_base_60():
+    assert load_config(Outer, overrides=["seed=0x10"]).seed == 16
+    assert load_config(Outer, overrides=["seed=1_000"]).seed == 1000
+    for raw in ("010", "1:30"):  # YAML 1.1 would read 8 and 90
+        with pytest.raises(ConfigError, match=f"seed: expected an integer, got '{raw}'"):
+            load_config(Outer, overrides=[f"seed={raw}"])
+
+
 def test_str_field_given_a_number_says_to_quote_it(tmp_path):
     with pytest.raises(ConfigError, match=r"inner\.name: expected a string, got 5 \(int\); quote it"):
         load_text(tmp_path, "inner:\n  name: 5\n")

@@ -124,6 +124,14 @@ def test_missing_file_does_not_exist(tmp_path, key):
         load_raw_splits(TextDataConfig(train=paths["train"], eval=paths["eval"]), seed=0)
 
 
+@pytest.mark.parametrize("key", ["train", "eval"])
+def test_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, key):
+    good = numbered_rows(tmp_path / "good.csv", 4)
+    paths = {"train": str(good), "eval": str(good), key: ""}
+    with pytest.raises(DataError, match=rf"data\.{key} is empty; set it to a data file"):
+        load_raw_splits(TextDataConfig(train=paths["train"], eval=paths["eval"]), seed=0)
+
+
 def test_empty_file(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
