@@ -190,8 +190,10 @@ def load_hub_splits(dataset_id: str, eval_split: str | None, *, hub_config: str 
     try:
         dsd = datasets.load_dataset(dataset_id, hub_config)
     except Exception as err:
+        why = (str(err).splitlines() or [""])[0][:300]
         raise DataError(f"data.train {dataset_id!r} is not a local file or folder, and loading it from the hub "
-                        f"failed ({type(err).__name__}); check the path, or go online for a hub dataset") from None
+                        f"failed ({type(err).__name__}: {why}); check the path (and data.hub_config), or go online "
+                        "for a hub dataset") from None
     if train_split not in dsd:
         raise DataError(f"{dataset_id!r} has no split {train_split!r} (splits: {', '.join(dsd)}); "
                         "set data.train_split")
@@ -232,7 +234,9 @@ def encode_labels(splits: dict[str, Any], cfg: TextDataConfig, *, regression: bo
                                 f"{next(v for v in batch[cfg.label_column] if not _is_number(v))!r}") from None
         return {n: ds.map(to_float, batched=True, desc=f"labels ({n})") for n, ds in splits.items()}, None
 
-    names = resolve_label_names(splits["train"].unique(cfg.label_column), label_names=cfg.label_names,
+    feature = splits["train"].features.get(cfg.label_column)
+    class_names = list(feature.names) if type(feature).__name__ == "ClassLabel" else None  # a hub dataset's names
+    names = resolve_label_names(splits["train"].unique(cfg.label_column), label_names=cfg.label_names or class_names,
                                 num_labels=num_labels, column=cfg.label_column)
 
     def map_labels(batch: dict[str, list], split: str) -> dict[str, list]:
@@ -251,6 +255,8 @@ def resolve_label_names(train_values: Sequence[Any], *, label_names: Sequence[st
     """
     if any(v is None for v in train_values):
         raise DataError(f"the train split has empty labels in column {column!r}; fill or drop those rows")
+    if all(isinstance(v, bool) for v in train_values):  # a true/false column: the names "False" and "True"
+        train_values = [str(v) for v in train_values]
     if all(isinstance(v, str) for v in train_values):
         names = list(label_names) if label_names else sorted(train_values)
         unknown = sorted(set(train_values) - set(names))
@@ -278,6 +284,8 @@ def label_ids(values: Sequence[Any], names: Sequence[str], *, split: str) -> lis
     to_id = {name: i for i, name in enumerate(names)}
     ids = []
     for v in values:
+        if isinstance(v, bool):
+            v = str(v)
         key = v if isinstance(v, str) else (names[v] if isinstance(v, int) and 0 <= v < len(names) else None)
         if key not in to_id:
             raise DataError(f"label {v!r} in the {split} split is not one of the train labels {list(names)}; "
@@ -298,16 +306,20 @@ def tokenize_splits(splits: dict[str, Any], tokenizer: Any, cfg: TextDataConfig)
     """Tokenize (truncating to `cfg.max_length`, no padding: batches pad dynamically) and keep only model inputs."""
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t if isinstance(t, str) else "" for t in batch[cfg.text_column]]
-        pairs = None
-        if cfg.text_pair_column:
-            pairs = [t if isinstance(t, str) else "" for t in batch[cfg.text_pair_column]]
+        texts = [str(t) for t in batch[cfg.text_column]]  # a column read as numbers is still text
+        pairs = [str(t) for t in batch[cfg.text_pair_column]] if cfg.text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc
 
     out = {}
     for name, ds in splits.items():
+        for column, key in ((cfg.text_column, "data.text_column"), (cfg.text_pair_column, "data.text_pair_column")):
+            if column:
+                empty = [i for i, t in enumerate(ds[column]) if t is None]
+                if empty:
+                    raise DataError(f"the {name} split has {len(empty)} empty texts in column {column!r} ({key}), "
+                                    f"first at row {empty[0]}; fill or drop those rows")
         keep = {"labels"}
         tokenized = ds.map(tokenize, batched=True, desc=f"tokenize ({name})")
         keep |= {c for c in tokenized.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "length")}

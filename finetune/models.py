@@ -183,11 +183,32 @@ def build_sequence_classifier(cfg: ModelConfig, *, label_names: list[str] | None
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    kwargs["ignore_mismatched_sizes"] = _head_is_replaced(cfg, source, kwargs["num_labels"], label_names)
     model = _from_pretrained(AutoModelForSequenceClassification, source, "model", problem_type=problem_type,
                              trust_remote_code=cfg.trust_remote_code, use_safetensors=True, **kwargs)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def _head_is_replaced(cfg: ModelConfig, source: str, num_labels: int, label_names: list[str] | None) -> bool:
+    """Whether a source that is already a sequence classifier needs a new head for these labels (True: logged).
+
+    Its labels in another order would silently swap meanings, so that is an error naming the fix."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, source, "config", trust_remote_code=cfg.trust_remote_code)
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return False  # a plain encoder: the head is new anyway
+    old = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if label_names and old != label_names and sorted(old) == sorted(label_names):
+        raise ModelError(f"{cfg.name_or_path} was trained with the labels {old} in this order, the data gives "
+                         f"{label_names}; set data.label_names={old} to keep its classifier head")
+    if config.num_labels != num_labels:
+        logger.warning("%s has a classifier head for %d outputs %s; a new head is trained for %d", cfg.name_or_path,
+                       config.num_labels, old, num_labels)
+        return True
+    return False
 
 
 # --- image classifiers ------------------------------------------------------------------------------------------

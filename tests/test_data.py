@@ -308,6 +308,33 @@ def test_truncation_to_max_length(tokenizer):
     assert set(out["train"].column_names) == columns
 
 
+def test_empty_texts_are_named_and_numbers_are_text(tokenizer):
+    splits = splits_from({"text": ["good", None, "bad"], "labels": [1, 0, 1]})
+    with pytest.raises(DataError, match=r"the train split has 1 empty texts in column 'text' \(data\.text_column\), "
+                                        "first at row 1"):
+        tokenize_splits(splits, tokenizer, TextDataConfig())
+    splits = splits_from({"text": ["good", "bad"], "second": [12, 7], "labels": [1, 0]})
+    out = tokenize_splits(splits, tokenizer, TextDataConfig(text_pair_column="second"))
+    assert list(out["train"]["input_ids"]) == [tokenizer("good", "12")["input_ids"], tokenizer("bad", "7")["input_ids"]]
+
+
+def test_class_label_columns_keep_their_names():
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    train = datasets.Dataset.from_dict({"text": list("abc"), "label": [1, 0, 1]}, features=features)
+    out, names = encode_labels({"train": train}, TextDataConfig(), regression=False)
+    assert names == ["negative", "positive"] and list(out["train"]["labels"]) == [1, 0, 1]
+
+
+def test_true_false_labels_are_named_false_and_true():
+    splits = splits_from({"text": list("abc"), "label": [True, False, True]}, {"text": ["d"], "label": [False]})
+    out, names = encode_labels(splits, TextDataConfig(), regression=False)
+    assert names == ["False", "True"]
+    assert list(out["train"]["labels"]) == [1, 0, 1] and list(out["eval"]["labels"]) == [0]
+
+
 def test_text_pairs_get_segment_ids(tokenizer):
     splits = splits_from({"text": ["good movie", "bad"], "second": ["awful", "the product is fine"],
                           "labels": [1, 0]})

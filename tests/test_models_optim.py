@@ -115,6 +115,24 @@ def test_regressor_has_one_output_and_mse_loss(tiny_bert):
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_fine_tuning_a_classifier_again_keeps_or_replaces_its_head(tiny_bert, tmp_path, caplog):
+    names = ["negative", "neutral", "positive"]
+    build = build_sequence_classifier
+    first = build(ModelConfig(name_or_path=str(tiny_bert)), label_names=names,
+                  problem_type="single_label_classification")
+    first.save_pretrained(tmp_path / "clf")
+    source = ModelConfig(name_or_path=str(tmp_path / "clf"))
+    again = build(source, label_names=names, problem_type="single_label_classification")
+    assert torch.equal(again.classifier.weight, first.classifier.weight)  # same labels: the head carries on
+    with pytest.raises(ModelError, match=r"trained with the labels \['negative', 'neutral', 'positive'\] in this "
+                                         r"order.*set data\.label_names=\['negative', 'neutral', 'positive'\]"):
+        build(source, label_names=["positive", "negative", "neutral"], problem_type="single_label_classification")
+    binary = build(source, label_names=["spam", "ham"], problem_type="single_label_classification")
+    assert binary.config.id2label == {0: "spam", 1: "ham"} and binary.classifier.weight.shape[0] == 2
+    assert "a new head is trained for 2" in caplog.text
+    assert build(source, label_names=None, problem_type="regression").classifier.weight.shape[0] == 1
+
+
 def test_gradient_checkpointing_is_enabled_on_request(tiny_bert):
     model = build_sequence_classifier(ModelConfig(name_or_path=str(tiny_bert), gradient_checkpointing=True),
                                       label_names=["a", "b"], problem_type="single_label_classification")
