@@ -27,7 +27,8 @@ they do not know, so fields are added without a version bump):
     preprocessing    image tasks: {"size": [H, W], "color_mode": "L"|"RGB", "mean", "std", "resample", "rescale"}:
                      convert, resize, multiply by rescale, subtract mean, divide by std, channels first (NCHW)
     generation       causal LMs: defaults {max_new_tokens, temperature, top_k, top_p, repetition_penalty, do_sample,
-                     eos_token_id, pad_token_id}
+                     eos_token_id, pad_token_id}, and max_positions (the model's positions: prompt + new tokens
+                     must fit; null when the config does not say)
     chat_template    causal LMs: the Jinja chat template string, or null
     cache            causal LMs: {"num_layers", "num_kv_heads", "head_dim", "dtype",
                      "past_key": "past_key_values.{i}.key", "past_value", "present_key": "present.{i}.key",

@@ -173,7 +173,7 @@ def test_lm_bundle_has_both_graphs_and_the_cache_spec(lm_bundle: tuple[str, Path
     cache = data["cache"]
     assert (cache["num_layers"], cache["num_kv_heads"], cache["head_dim"]) == (2, heads, head_dim)
     assert data["tokenizer"]["padding_side"] == "left" and data["tokenizer"]["pad_token_id"] == 0  # eos as pad
-    assert data["generation"] == {**GENERATION_DEFAULTS, "eos_token_id": 0, "pad_token_id": 0}
+    assert data["generation"] == {**GENERATION_DEFAULTS, "eos_token_id": 0, "pad_token_id": 0, "max_positions": 128}
     assert data["chat_template"] == (CHAT_TEMPLATE if arch == "llama" else None)
 
     fp32 = manifest.variants["fp32"]
