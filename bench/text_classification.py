@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 from common import REPO, machine, run_measured
@@ -117,9 +119,6 @@ def test_accuracy(model_dir: str, test_tsv: str) -> float:
 def checkpoint_test_accuracies(run_dir: Path, test_tsv: str) -> dict[str, float]:
     """Test accuracy of each checkpoint the run kept (keep_last), a diagnostic only: the model is selected on dev.
     Shows whether a checkpoint other than the selected one would have scored better on test."""
-    import shutil
-    import tempfile
-
     scores = {}
     for checkpoint in sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1])):
         with tempfile.TemporaryDirectory() as tmp:  # the saved model's config and tokenizer, the checkpoint's weights

@@ -33,7 +33,7 @@ from compress.optimize import DEFAULT_SKIP_FUSIONS, optimization_settings, optim
 from compress.parity import ParityConfig, check_generation, check_graph, open_session
 from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
-from finetune.rundir import replace_folder
+from finetune.rundir import check_replaceable, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +234,8 @@ def bundle_destination(out: str | Path, *, overwrite: bool) -> Path:
     if not overwrite:
         raise BundleError(f"{out} already exists and is not empty; choose another out, or set overwrite "
                           "(--overwrite, overwrite=true) to replace the bundle there")
-    if not _is_bundle(out):
-        raise BundleError(f"refusing to replace {out}: it is not a bundle (no tuneforge {MANIFEST}), and overwrite "
-                          "only replaces a bundle; choose a new folder for out")
-    if Path.cwd().resolve().is_relative_to(out):
-        raise BundleError(f"refusing to replace {out}: the current folder is inside it; run from elsewhere or choose "
-                          "another out")
+    check_replaceable(out, _is_bundle(out), kind=f"bundle (no tuneforge {MANIFEST})", setting="overwrite",
+                      key="out", error=BundleError)
     return out
 
 
@@ -255,7 +251,6 @@ def _is_bundle(path: Path) -> bool:
 def staged(out: Path) -> Iterator[Path]:
     """A temp folder next to `out` that replaces `out` (see `replace_folder`) only if the block finishes; removed
     on any error."""
-    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()

@@ -137,12 +137,12 @@ class CheckpointManager:
         `checkpoints/superseded/`, so that rotation and `resume_from=latest` see the resumed line only.
         """
         self.accelerator.load_state(str(path))
-        state = read_train_state(path)
+        state = resume_state(self.dir.parent, path)
         if self.accelerator.is_main_process:
             self._supersede_after(state.global_step)
         self.accelerator.wait_for_everyone()
         logger.info("resumed from %s at step %d", path, state.global_step)
-        return resume_state(self.dir.parent, path)
+        return state
 
     def _supersede_after(self, step: int) -> None:
         for later in complete_checkpoints(self.dir.parent):

@@ -186,13 +186,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = get_origin(hint)
     if hint is Any:
         return value
-    optional = origin in (Union, types.UnionType) and type(None) in get_args(hint)
-    if value is None and not optional:
+    if value is None:
+        if origin in (Union, types.UnionType) and type(None) in get_args(hint):
+            return None
         raise ConfigError(f"{key} needs a value ({_type_name(hint)}); it cannot be empty")
     if origin in (Union, types.UnionType):
         args = get_args(hint)
-        if value is None:
-            return None
         candidates = [a for a in args if a is not type(None)]
         errors = []
         for candidate in candidates:

@@ -315,11 +315,10 @@ def tokenize_splits(splits: dict[str, Any], tokenizer: Any, cfg: TextDataConfig)
     out = {}
     for name, ds in splits.items():
         for column, key in ((cfg.text_column, "data.text_column"), (cfg.text_pair_column, "data.text_pair_column")):
-            if column:
-                empty = [i for i, t in enumerate(ds[column]) if t is None]
-                if empty:
-                    raise DataError(f"the {name} split has {len(empty)} empty texts in column {column!r} ({key}), "
-                                    f"first at row {empty[0]}; fill or drop those rows")
+            values = ds.with_format("arrow")[column] if column else None  # counted in Arrow, not copied
+            if values is not None and values.null_count:
+                raise DataError(f"the {name} split has {values.null_count} empty texts in column {column!r} ({key}), "
+                                f"first at row {values.to_pylist().index(None)}; fill or drop those rows")
         keep = {"labels"}
         tokenized = ds.map(tokenize, batched=True, desc=f"tokenize ({name})")
         keep |= {c for c in tokenized.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "length")}

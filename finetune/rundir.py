@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, TuneforgeError
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +28,8 @@ def prepare_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwri
         if not overwrite:
             raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
                               "continue it, train.overwrite=true to replace it, or another train.output_dir")
-        if not is_run_dir(run_dir):
-            raise ConfigError(f"refusing to replace {run_dir}: it holds files but is not a run directory (no "
-                              "config.yaml and logs/), and train.overwrite only replaces a run; choose a new "
-                              "train.output_dir")
-        if Path.cwd().resolve().is_relative_to(run_dir.resolve()):
-            raise ConfigError(f"refusing to replace {run_dir}: the current folder is inside it; choose another "
-                              "train.output_dir")
+        check_replaceable(run_dir, is_run_dir(run_dir), kind="run directory (no config.yaml and logs/)",
+                          setting="train.overwrite", key="train.output_dir", error=ConfigError)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if occupied and not resume:
@@ -42,6 +37,17 @@ def prepare_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwri
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def check_replaceable(path: Path, of_its_kind: bool, *, kind: str, setting: str, key: str,
+                      error: type[TuneforgeError]) -> None:
+    """Raise `error` unless the occupied folder `path` may be deleted to write a new one there: it must be what
+    `setting` replaces (`of_its_kind`), and must not hold the folder we run in."""
+    if not of_its_kind:
+        raise error(f"refusing to replace {path}: it is not a {kind}, and {setting} only replaces one; choose a new "
+                    f"{key}")
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise error(f"refusing to replace {path}: the current folder is inside it; choose another {key}")
 
 
 def is_run_dir(path: str | Path) -> bool:

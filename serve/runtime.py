@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.decoding import onnx_step
-from compress.manifest import TOKENIZER_FILE, BundleError, Manifest, read_manifest, verify_files
+from compress.manifest import BundleError, Manifest, read_manifest, verify_files
 from finetune.image_preprocessing import PreprocessingSpec
 from serve.batching import BatchingConfig
 from serve.errors import ServeError
@@ -89,7 +89,7 @@ def load_tokenizer(manifest: Manifest) -> Any:
     """The bundle's tokenizer.json (training's truncation and padding are set in the file)."""
     from tokenizers import Tokenizer
 
-    path = manifest.path / (manifest.tokenizer_file or TOKENIZER_FILE)
+    path = manifest.path / str(manifest.tokenizer_file)
     try:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for unreadable files
