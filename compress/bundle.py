@@ -8,7 +8,6 @@ and commits it by replacing manifest.json. The format itself is described in com
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from compress.optimize import DEFAULT_SKIP_FUSIONS, optimization_settings, optim
 from compress.parity import ParityConfig, check_generation, check_graph, open_session
 from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
-from finetune.rundir import check_replaceable, replace_folder
+from finetune.folders import FolderGuard, relative_path, remove_temp, replace_file, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,9 @@ def export_run(run: Run, out: str | Path, *, config: ExportConfig | None = None,
     session = session_settings(config.skip_fusions)
     with staged(out) as stage:
         task = prepare_task(run, model, stage, picked, config.parity)
-        data = new_manifest(run.task, source_run=task.source_run, **task.sections)
+        # The run's path relative to the bundle (never the builder's absolute path): the demo finds it from there.
+        data = new_manifest(run.task, source_run={**task.source_run, "path": relative_path(run.run_dir, out)},
+                            **task.sections)
         fp32 = task.export(stage, "fp32", opset=config.opset)
         parity = gate_graphs(fp32, {g.role: g.path for g in fp32}, task, config.parity, "fp32")
         _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, parent=None, parity=parity,
@@ -145,7 +146,7 @@ def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path]
         dst = root / f"{name}{GRAPH_SUFFIX[role]}"
         tmp = root / f".tmp-{uuid.uuid4().hex[:8]}-{dst.name}"
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        replace_file(tmp, dst)
         placed[role] = dst
     _add_variant(root, data, name, placed, parent=parent, parity=parity, metrics=metrics, optimization=optimization,
                  quantization=quantization, pruning=pruning, metric_gate=metric_gate, derived=derived,
@@ -234,17 +235,22 @@ def bundle_destination(out: str | Path, *, overwrite: bool) -> Path:
     if not overwrite:
         raise BundleError(f"{out} already exists and is not empty; choose another out, or set overwrite "
                           "(--overwrite, overwrite=true) to replace the bundle there")
-    check_replaceable(out, _is_bundle(out), kind=f"bundle (no tuneforge {MANIFEST})", setting="overwrite",
-                      key="out", error=BundleError)
+    BUNDLE_GUARD.check(out)
     return out
 
 
-def _is_bundle(path: Path) -> bool:
+def bundle_entries(path: Path) -> set[str] | None:
+    """The top-level entries a bundle writes (its manifest and the files it lists), or None when `path` holds no
+    readable tuneforge manifest."""
     try:
-        read_manifest(path, verify=False)
+        data = read_manifest(path, verify=False).data
     except BundleError:
-        return False
-    return True
+        return None
+    return {MANIFEST, *(Path(name).parts[0] for name in data["files"]), *(data.get("report") or {}).values()}
+
+
+BUNDLE_GUARD = FolderGuard("tuneforge bundle", bundle_entries, "overwrite", "out", BundleError,
+                           f" (no readable {MANIFEST})")
 
 
 @contextmanager
@@ -256,7 +262,7 @@ def staged(out: Path) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
-        replace_folder(stage, out)
+        replace_folder(stage, out, BUNDLE_GUARD)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        remove_temp(stage)
         raise

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import StageError
-from compress.launch import run_recipe, temp_dir_near
+from compress.launch import check_output_run, output_run_guard, run_recipe, temp_dir_near
 from compress.source import read_run
+from finetune.folders import remove_temp, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def distill_run(teacher_run: str | Path, out_dir: str | Path, *, config: Distill
     `out_dir` (model/, metrics.json, config.yaml, logs/; tuneforge.json records the distillation)."""
     config = config or DistillConfig()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise StageError(f"{out} already exists and is not empty; choose another output or pass overwrite")
+    check_output_run(out, overwrite=overwrite)
     teacher = read_run(teacher_run)
     if config.config_file is None and teacher.task not in DEFAULT_CONFIGS:
         raise StageError(f"distillation trains classifiers; {teacher.run_dir} is a {teacher.task} run")
@@ -125,10 +124,8 @@ def distill_run(teacher_run: str | Path, out_dir: str | Path, *, config: Distill
         args = ["--config", config_file, f"teacher={teacher.run_dir.resolve()}",
                 f"train.output_dir={(work / 'run').resolve()}", "train.overwrite=true", *config.recipe_args()]
         run_recipe("distill", args, log=work / "recipe.log")
-        if out.exists():
-            shutil.rmtree(out)
-        (work / "run").rename(out)
+        replace_folder(work / "run", out, output_run_guard())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_temp(work)
     logger.info("distilled run written to %s", out)
     return out

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from compress.errors import StageError
+from finetune.folders import FolderGuard, run_dir_guard
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ def run_recipe(name: str, args: list[str], *, log: Path) -> None:
         errors = [line for line in lines if line.startswith("error: ")]
         detail = errors[-1][len("error: "):] if errors else "\n".join(lines[-15:])
         raise StageError(f"recipes/{name}.py failed (exit {code}): {detail} (full output: {log})")
+
+
+def output_run_guard() -> FolderGuard:
+    """What a stage that writes a run directory (prune, distill) may replace at its output, with `overwrite`."""
+    return run_dir_guard(setting="overwrite", key="output folder", error=StageError)
+
+
+def check_output_run(out: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that holds anything unless `overwrite` may replace it."""
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise StageError(f"{out} already exists and is not empty; choose another output or pass overwrite")
+    output_run_guard().check(out)
 
 
 def temp_dir_near(path: Path, tag: str) -> Path:

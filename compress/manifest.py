@@ -112,6 +112,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import TuneforgeError
+from finetune.folders import replace_file
 
 FORMAT = "tuneforge-bundle"
 FORMAT_VERSION = 1
@@ -257,12 +258,12 @@ def verify_files(manifest: Manifest, names: Iterable[str]) -> None:
 def write_manifest(bundle_dir: str | Path, data: dict[str, Any]) -> None:
     """Write manifest.json atomically (temp file, fsync, rename): a reader sees the old or the new one, never half."""
     path = Path(bundle_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{MANIFEST}-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(json.dumps(data, indent=2, default=float) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(tmp, path)
 
 
 def new_manifest(task: str, **fields: Any) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import dataclasses
 import difflib
 import io
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
 from finetune.config import config_from_dict, config_to_dict
 from finetune.errors import ConfigError
+from finetune.folders import relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -338,19 +338,20 @@ def same_quantization(manifest: Manifest, quantization: dict[str, Any], derived:
 
 
 def transform_stage(fn: Callable[..., Any], prefix: str) -> Callable[[Pipeline, Any], None]:
-    """A run-to-run stage from `fn(run_dir, out_dir, *, config)` (which writes a new run directory at out_dir, e.g.
-    compress.prune.prune_run): the stages after it work on the new run, its variants named `<prefix>-...`. New runs are
-    kept next to the bundle, in `<out>-runs/<prefix>`."""
+    """A run-to-run stage from `fn(run_dir, out_dir, *, config, overwrite)` (which writes a new run directory at
+    out_dir, e.g. compress.prune.prune_run): the stages after it work on the new run, its variants named
+    `<prefix>-...`. New runs are kept next to the bundle, in `<out>-runs/<prefix>` (replaced only with overwrite)."""
 
     def apply(p: Pipeline, config: Any) -> None:
-        out = Path(p.cfg.out).with_name(f"{Path(p.cfg.out).name}-runs") / prefix
-        if out.exists():
-            shutil.rmtree(out)
+        bundle = Path(p.cfg.out)
+        out = bundle.with_name(f"{bundle.name}-runs") / prefix
         out.parent.mkdir(parents=True, exist_ok=True)
-        written = fn(p.lineage.run.run_dir, out, config=config)
+        written = fn(p.lineage.run.run_dir, out, config=config, overwrite=p.cfg.overwrite)
         run = read_run(written or out, data_overrides=p.cfg.data or None)
-        derived = {"stage": prefix, "from": p.lineage.derived["run"] if p.lineage.derived else str(
-            p.source.run.run_dir.resolve()), "run": str(run.run_dir.resolve()), "settings": config_to_dict(config)}
+        # Paths relative to the bundle: the manifest never records the builder's absolute paths.
+        derived = {"stage": prefix, "from": p.lineage.derived["run"] if p.lineage.derived else relative_path(
+            p.source.run.run_dir, bundle), "run": relative_path(run.run_dir, bundle),
+            "settings": config_to_dict(config)}
         p.lineage = Lineage(run, prefix=f"{p.lineage.prefix}-{prefix}" if p.lineage.prefix else prefix,
                             derived=derived)
 

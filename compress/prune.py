@@ -24,12 +24,13 @@ from typing import Any, Literal
 import torch
 
 from compress.errors import StageError
-from compress.launch import TASK_RECIPES, run_recipe, temp_dir_near
+from compress.launch import TASK_RECIPES, check_output_run, output_run_guard, run_recipe, temp_dir_near
 from compress.run_data import RunData
 from compress.source import Run, load_model, read_run
 from compress.sparsity import prune_magnitude_
 from compress.structured import gradient_scores, magnitude_scores, prune_units_
 from compress.units import KINDS, find_units, update_config_
+from finetune.folders import RUN_PART, clear_folder, remove_temp, replace_folder, write_run_marker
 from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
 from finetune.shapes import record_shapes_
 
@@ -76,20 +77,16 @@ class PruneConfig:
 def prune_run(run_dir: str | Path, out_dir: str | Path, *, config: PruneConfig, overwrite: bool = False) -> Path:
     """Prune the model of `run_dir` into a new run directory `out_dir` (written whole, or not at all)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise StageError(f"{out} already exists and is not empty; choose another output or pass overwrite")
+    check_output_run(out, overwrite=overwrite)
     source = read_run(run_dir)
     if config.scope == "global" and config.heads and source.task == "causal-lm":
         raise StageError("global head pruning gives decoder layers different KV-cache shapes, which bundles do not "
                          "support; use scope: layer for causal LMs")
     work = temp_dir_near(out, "prune")
     try:
-        result = _prune(source, work, config)
-        if out.exists():
-            shutil.rmtree(out)
-        result.rename(out)
+        replace_folder(_prune(source, work, config), out, output_run_guard())
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_temp(work)
     logger.info("pruned run written to %s", out)
     return out
 
@@ -99,7 +96,7 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
     model = load_model(source)
     data = RunData(source, batch_size=config.batch_size)  # the same splits in every round (recovery keeps them)
     before, units_before = _count_parameters(model), _unit_counts(model)
-    record: dict[str, Any] = {**asdict(config), "source_run": str(source.run_dir.resolve()),
+    record: dict[str, Any] = {**asdict(config), "source_run": source.run_dir.name,
                               "source_eval": source.meta.get("eval"), "parameters_before": before}
     kept: dict[str, list[int]] = {}  # unit group -> kept units by their index in the source model
     current, recovered = source, False
@@ -186,7 +183,7 @@ def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, conf
     if source.task == "image-classification":
         args.append(f"{model_key}.config={{}}")  # the architecture comes from the pruned model's own config
     run_recipe(recipe, [*args, *config.recovery_overrides], log=work / "recipe.log")
-    shutil.rmtree(pruned)
+    clear_folder(pruned, RUN_PART)
     return read_run(work / "run")
 
 
@@ -195,6 +192,7 @@ def _write_run(model: torch.nn.Module, current: Run, data: RunData, out: Path) -
     metrics = data.evaluate(model) if _has_data(current) else {}
     meta = {**current.meta, "eval": metrics}
     _save_model_dir(model, current, out / MODEL_DIR, meta)
+    write_run_marker(out)
     write_json(out / "metrics.json", {"eval": metrics})
     if (current.run_dir / "config.yaml").is_file():
         shutil.copy(current.run_dir / "config.yaml", out / "config.yaml")

@@ -76,7 +76,7 @@ class TaskExport:
         self.fusion_args = {"model_type": getattr(config, "model_type", None), "num_heads": heads,
                             "hidden_size": width}
         meta = run.meta
-        self.source_run = {"path": str(run.run_dir.resolve()), "base_model": meta.get("base_model"),
+        self.source_run = {"name": run.run_dir.name, "base_model": meta.get("base_model"),
                            "step": meta.get("step"), "eval": meta.get("eval")}
         self._eval: EvalData | None = None
 

@@ -13,13 +13,14 @@ import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune.config import check_bounds
 from finetune.errors import CheckpointError, ConfigError
-from finetune.rundir import MODEL_DIR, TASK_FILE, replace_folder, write_json
+from finetune.folders import RUN_PART, clear_folder, move_into_place, remove_temp, replace_folder
+from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ class CheckpointConfig:
     best_mode: Literal["min", "max"] = "min"
 
     def __post_init__(self) -> None:
-        if self.keep_last < 1:
-            raise ValueError(f"keep_last must be at least 1, got {self.keep_last}")
+        check_bounds(self, ">= 1", "keep_last")
+        check_bounds(self, ">= 0", "every_n_steps")
 
 
 @dataclass
@@ -52,6 +53,9 @@ class EarlyStoppingConfig:
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
     min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_bounds(self, ">= 0", "patience", "min_delta")
 
 
 @dataclass
@@ -117,14 +121,14 @@ class CheckpointManager:
         final = self.dir / f"step_{state.global_step}"
         tmp = self.dir / f".tmp-step_{state.global_step}"
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_temp(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
             write_json(tmp / STATE_FILE, dataclasses.asdict(state))
-            replace_folder(tmp, final)  # a step saved again after a resume replaces its old copy
+            replace_folder(tmp, final, RUN_PART)  # a step saved again after a resume replaces its old copy
             self._rotate()
             logger.info("checkpoint saved: %s", final)
         acc.wait_for_everyone()
@@ -136,8 +140,13 @@ class CheckpointManager:
         Checkpoints of this run newer than `path` belong to the abandoned continuation: they move to
         `checkpoints/superseded/`, so that rotation and `resume_from=latest` see the resumed line only.
         """
-        self.accelerator.load_state(str(path))
-        state = resume_state(self.dir.parent, path)
+        state = resume_state(self.dir.parent, path)  # a corrupt train_state.json fails before the weights load
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as err:  # safetensors, torch and accelerate each raise their own kind for a damaged file
+            raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); resume from an "
+                                  "older one with checkpoint.resume_from=<run>/checkpoints/step_N, or drop "
+                                  "checkpoint.resume_from to start fresh") from None
         if self.accelerator.is_main_process:
             self._supersede_after(state.global_step)
         self.accelerator.wait_for_everyone()
@@ -151,15 +160,15 @@ class CheckpointManager:
                 while aside.exists():
                     aside = aside.with_name(aside.name + "+")
                 aside.parent.mkdir(exist_ok=True)
-                later.rename(aside)
+                move_into_place(later, aside)
                 logger.warning("resumed at step %d: the later checkpoint %s moved to %s (delete it when no longer "
                                "needed)", step, later.name, aside)
 
     def _rotate(self) -> None:
         for old in complete_checkpoints(self.dir.parent)[:-self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            clear_folder(old, RUN_PART)
         for stale in self.dir.glob(".tmp-step_*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_temp(stale)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -200,5 +209,16 @@ def resume_state(run_dir: str | Path, checkpoint: str | Path | None) -> TrainSta
 
 
 def read_train_state(checkpoint: str | Path) -> TrainState:
-    """The loop position stored in a checkpoint."""
-    return TrainState(**json.loads((Path(checkpoint) / STATE_FILE).read_text()))
+    """The loop position stored in a checkpoint; a CheckpointError when the file is unreadable or malformed."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        data = json.loads(path.read_text())
+        state = TrainState(**data)
+        ints = [state.global_step, state.epoch, state.step_in_epoch, state.samples_seen, state.stale_evals]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+            raise ValueError("steps and counts must be non-negative integers")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path} is corrupt ({err}); resume from an older checkpoint with checkpoint."
+                              "resume_from=<run>/checkpoints/step_N, or drop checkpoint.resume_from to start fresh"
+                              ) from None
+    return state

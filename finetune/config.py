@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -55,6 +56,31 @@ _StrictDumper.yaml_implicit_resolvers = {
     first: yaml.SafeDumper.yaml_implicit_resolvers.get(first, []) + _StrictLoader.yaml_implicit_resolvers.get(first, [])
     for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_StrictLoader.yaml_implicit_resolvers}
 }
+
+
+_BOUNDS: dict[str, typing.Callable[[float], bool]] = {
+    ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1)": lambda v: 0 < v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+
+def check_bounds(cfg: Any, bound: str, *names: str) -> None:
+    """Raise ValueError (which config loading turns into a ConfigError naming the key) for the first field of `cfg`
+    among `names` that is NaN, infinite or outside `bound` (e.g. "> 0"); None passes (it means "not set")."""
+    for name in names:
+        value = getattr(cfg, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is not None and (isinstance(v, bool) or not math.isfinite(v) or not _BOUNDS[bound](v)):
+                raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def check_unique(values: Sequence[Any] | None, name: str) -> None:
+    """Raise ValueError when the list `name` repeats an entry (e.g. a label name: two classes would share it)."""
+    repeated = sorted({str(v) for v in values or [] if list(values).count(v) > 1})
+    if repeated:
+        raise ValueError(f"{name} repeats {', '.join(repeated)}; each entry must appear once")
 
 
 def yaml_load(text: str, *, source: str = "<string>") -> Any:

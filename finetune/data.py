@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Sampler
 
+from finetune.config import check_bounds, check_unique
 from finetune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ class DataSourceConfig:
     quoting: Literal["auto", "minimal", "none"] = "auto"  # csv quoting; auto: none for .tsv, minimal for .csv
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        check_bounds(self, "in (0, 1)", "eval_fraction")
+        check_bounds(self, ">= 1", "max_train_samples", "max_eval_samples")
 
 
 @dataclass
@@ -60,8 +61,8 @@ class TextDataConfig(DataSourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        check_bounds(self, ">= 2", "max_length")
+        check_unique(self.label_names, "label_names")
 
 
 def load_raw_splits(cfg: TextDataConfig, seed: int) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from finetune.config import check_bounds
+
 
 @dataclass
 class GenerationConfig:
@@ -24,6 +26,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.1  # > 1 discourages repeating tokens; 1: off
 
     def __post_init__(self) -> None:
+        check_bounds(self, ">= 0", "top_k")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature <= 0:

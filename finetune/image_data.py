@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.config import check_bounds, check_unique
 from finetune.data import EpochSampler, check_local, label_ids, load_hub_splits, load_table, resolve_label_names
 from finetune.errors import ConfigError, DataError
 from finetune.image_preprocessing import (
@@ -70,8 +71,10 @@ class ImageDataConfig:
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] | None = None  # default: bilinear
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        check_bounds(self, "in (0, 1)", "eval_fraction")
+        check_bounds(self, ">= 1", "max_train_samples", "max_eval_samples")
+        check_bounds(self, "> 0", "std")
+        check_unique(self.label_names, "label_names")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"image_size must be [height, width], got {self.image_size}")
         for name in ("npz_train_keys", "npz_eval_keys"):

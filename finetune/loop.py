@@ -30,11 +30,11 @@ from finetune.checkpoint import (
     resolve_checkpoint,
     update_early_stopping,
 )
-from finetune.config import save_config
+from finetune.config import check_bounds, save_config
 from finetune.errors import ConfigError
 from finetune.plots import plot_confusion_matrix, plot_curves
-from finetune.rundir import MODEL_DIR, TASK_FILE, prepare_run_dir, write_json
-from finetune.tracking import build_trackers, read_metrics_log, setup_logging
+from finetune.rundir import MODEL_DIR, TASK_FILE, check_run_dir, open_run_dir, write_json
+from finetune.tracking import build_trackers, log_to_file, read_metrics_log, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -52,41 +52,51 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0: no clipping
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where the hardware computes it natively
-    max_steps: int | None = None  # stop after this many optimizer steps in all
+    max_steps: int | None = None  # stop after this many optimizer steps in all; null: no limit
     max_steps_per_epoch: int | None = None
     eval_every_n_steps: int = 0  # 0: evaluate at epoch ends only
     log_every_n_steps: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_bounds(self, ">= 1", "epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
+                     "log_every_n_steps")
+        for name in ("max_steps", "max_steps_per_epoch"):  # no limit is null, never 0 (which read as no limit)
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, or null for no limit; got {getattr(self, name)}")
+        check_bounds(self, ">= 0", "seed", "max_grad_norm", "eval_every_n_steps")
 
 
-def start_run(cfg: Any, train: TrainConfig, checkpoint: CheckpointConfig) -> tuple[Accelerator, Path, Path | None]:
-    """The accelerator (hardware and processes come from `accelerate launch`), the prepared run directory with
-    logging and the resolved `config.yaml`, the seed set; and the checkpoint to resume from, if any."""
-    requested = train.mixed_precision
-    train.mixed_precision = resolve_mixed_precision(requested)  # config.yaml records what the run really uses
+def start_run(cfg: Any, train: TrainConfig, checkpoint: CheckpointConfig) -> tuple[Accelerator, Path | None]:
+    """The accelerator (hardware and processes come from `accelerate launch`), logging to the console, the seed set,
+    and the checkpoint to resume from, if any. Writes nothing: `open_run` creates the run directory once the data and
+    model have loaded, so that a bad input leaves nothing behind."""
+    train.mixed_precision = resolve_mixed_precision(train.mixed_precision)  # config.yaml records what the run uses
     run_dir = Path(train.output_dir)
     resume = resolve_checkpoint(run_dir, checkpoint.resume_from) if checkpoint.resume_from else None
+    check_run_dir(run_dir, resume=resume is not None, overwrite=train.overwrite)
     accelerator = Accelerator(
         cpu=not torch.accelerator.is_available(),  # several processes on a CPU-only machine: gloo, not N lone runs
         gradient_accumulation_steps=train.gradient_accumulation_steps, mixed_precision=train.mixed_precision,
         step_scheduler_with_optimizer=False,  # recipes step the scheduler once per optimizer step
         project_dir=str(run_dir),
         log_with=build_trackers(run_dir, resume_step=read_train_state(resume).global_step if resume else None))
-    prepare_run_dir(accelerator, run_dir, resume=resume is not None, overwrite=train.overwrite)
-    setup_logging(run_dir, is_main_process=accelerator.is_main_process)
-    if requested == "auto":
-        logger.info("train.mixed_precision=auto: %s on this machine", train.mixed_precision)
-    elif requested == "bf16" and not native_bf16():
+    setup_logging(is_main_process=accelerator.is_main_process)
+    if train.mixed_precision == "bf16" and not native_bf16():
         logger.warning("train.mixed_precision=bf16: no bf16 hardware here (a GPU with bf16, or a CPU with AVX-512 BF16 "
                        "or AMX), so bf16 is emulated and slow; set train.mixed_precision=auto (or no) for fp32")
+    set_seed(train.seed)
+    return accelerator, resume
+
+
+def open_run(accelerator: Accelerator, cfg: Any, train: TrainConfig, resume: Path | None) -> Path:
+    """Create (or reopen, when resuming) the run directory: logs/train.log from here on, and the resolved
+    `config.yaml`. Recipes call it after loading data and model, before the loop."""
+    run_dir = open_run_dir(accelerator, train.output_dir, resume=resume is not None, overwrite=train.overwrite)
+    log_to_file(run_dir, is_main_process=accelerator.is_main_process)
+    logger.info("run directory %s (mixed precision: %s)", run_dir, train.mixed_precision)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-    set_seed(train.seed)
-    return accelerator, run_dir, resume
+    return run_dir
 
 
 def native_bf16() -> bool:
@@ -132,7 +142,8 @@ class StepClock:
         self.checkpoint = checkpoint
         epoch_steps = math.ceil(num_batches / train.gradient_accumulation_steps)
         self.epoch_steps = min(epoch_steps, train.max_steps_per_epoch or epoch_steps)
-        self.total_steps = min(self.epoch_steps * train.epochs, train.max_steps or math.inf)
+        self.total_steps = min(self.epoch_steps * train.epochs,
+                               math.inf if train.max_steps is None else train.max_steps)
         self.train_seconds = 0.0  # this session's, for samples/s
         self.session_samples = 0
         self._tick: float | None = None

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from finetune.config import check_bounds
 from finetune.errors import ConfigError
 
 
@@ -28,8 +29,8 @@ class LoraConfig:
     target_modules: list[str] | str = "all-linear"
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be at least 1, got {self.r}")
+        check_bounds(self, ">= 1", "r")
+        check_bounds(self, "> 0", "alpha")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

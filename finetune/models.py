@@ -15,14 +15,15 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune.config import check_bounds
 from finetune.errors import ModelError
+from finetune.folders import move_into_place, remove_temp
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class ModelConfig:
     num_labels: int | None = None  # default: the number of labels found in the data
     trust_remote_code: bool = False  # runs code from the model's repo: only for sources you trust
     gradient_checkpointing: bool = False  # less activation memory for ~30% more compute
+
+    def __post_init__(self) -> None:
+        check_bounds(self, ">= 1", "num_labels")
 
 
 def resolve_model_source(name_or_path: str) -> str:
@@ -126,12 +130,12 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
-            tmp.rename(out_dir)
+            move_into_place(tmp, out_dir)
         except OSError:  # another process finished first
             if not (out_dir / "config.json").is_file():
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp(tmp)
     return out_dir
 
 
@@ -236,6 +240,9 @@ class ImageModelConfig:
     config: dict[str, Any] = field(default_factory=dict)
     num_labels: int | None = None  # default: the number of labels found in the data
     trust_remote_code: bool = False  # runs code from the model's repo: only for sources you trust
+
+    def __post_init__(self) -> None:
+        check_bounds(self, ">= 1", "num_labels")
 
 
 def _image_config_class(name: str) -> Any:

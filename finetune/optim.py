@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from finetune.config import check_bounds
+
 
 @dataclass
 class OptimConfig:
@@ -24,8 +26,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if len(self.betas) != 2:
             raise ValueError(f"betas needs two numbers, got {self.betas}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_bounds(self, "> 0", "lr", "eps")
+        check_bounds(self, ">= 0", "weight_decay", "warmup_steps")
+        check_bounds(self, "in [0, 1)", "warmup_ratio", "betas")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

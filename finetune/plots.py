@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from finetune.folders import replace_file
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -93,4 +95,4 @@ def plot_misclassified(pixels: np.ndarray, labels: np.ndarray, predictions: np.n
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    replace_file(tmp, Path(path))

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import ConfigError, TuneforgeError
+from finetune.errors import ConfigError
+from finetune.folders import (
+    RUN_PART,
+    clear_folder,
+    read_run_marker,
+    remove_temp,
+    replace_file,
+    replace_folder,
+    run_dir_guard,
+    temp_path,
+    write_run_marker,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -17,66 +26,58 @@ MODEL_DIR = "model"
 TASK_FILE = "tuneforge.json"  # task metadata that compress/ and serve/ read next to the weights
 
 
-def prepare_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwrite: bool) -> Path:
-    """Create the run directory; refuse to mix a new run into an old one unless resuming or overwriting.
-
-    Every process checks before any changes (so all fail alike), then only the main process deletes or creates.
-    """
+def check_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output_dir that a new run may not take: a file, or a folder holding a
+    run (or anything else) when not resuming, unless `overwrite` may replace it (see finetune.folders)."""
     run_dir = Path(path)
-    occupied = run_dir.exists() and any(run_dir.iterdir())
-    if occupied and not resume:
-        if not overwrite:
-            raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
-                              "continue it, train.overwrite=true to replace it, or another train.output_dir")
-        check_replaceable(run_dir, is_run_dir(run_dir), kind="run directory (no config.yaml and logs/)",
-                          setting="train.overwrite", key="train.output_dir", error=ConfigError)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.output_dir {run_dir} is a file, not a folder; choose another train.output_dir")
+    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if is_failed_start(run_dir):  # replaced without train.overwrite, but only if it holds nothing else
+        run_dir_guard().check(run_dir)
+        return
+    if not overwrite:
+        raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
+                          "continue it, train.overwrite=true to replace it, or another train.output_dir")
+    run_dir_guard().check(run_dir)
+
+
+def open_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory (marked as tuneforge's), replacing an old run when `overwrite` allows it (or a failed
+    start, which has no checkpoint and no model). Call after the data and model loaded, so that a bad input leaves
+    nothing behind. Every process checks again first (so all fail alike); only the main process writes."""
+    run_dir = Path(path)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        occupied = run_dir.exists() and any(run_dir.iterdir())
         if occupied and not resume:
-            shutil.rmtree(run_dir)
+            if is_failed_start(run_dir):
+                logger.info("replacing %s: a run that stopped before its first checkpoint or model", run_dir)
+            clear_folder(run_dir, run_dir_guard())
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if read_run_marker(run_dir) is None:
+            write_run_marker(run_dir)
     accelerator.wait_for_everyone()
     return run_dir
 
 
-def check_replaceable(path: Path, of_its_kind: bool, *, kind: str, setting: str, key: str,
-                      error: type[TuneforgeError]) -> None:
-    """Raise `error` unless the occupied folder `path` may be deleted to write a new one there: it must be what
-    `setting` replaces (`of_its_kind`), and must not hold the folder we run in."""
-    if not of_its_kind:
-        raise error(f"refusing to replace {path}: it is not a {kind}, and {setting} only replaces one; choose a new "
-                    f"{key}")
-    if Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise error(f"refusing to replace {path}: the current folder is inside it; choose another {key}")
-
-
-def is_run_dir(path: str | Path) -> bool:
-    """Whether `path` looks like a run directory a recipe wrote (its config.yaml and logs/)."""
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "logs").is_dir()
-
-
-def replace_folder(new: Path, dest: Path) -> None:
-    """Move the finished folder `new` to `dest`, replacing what is there: the old one is renamed aside first and
-    deleted last, so a crash in between leaves one of them in place or beside it, never neither."""
-    if not dest.exists():
-        new.rename(dest)
-        return
-    old = dest.with_name(f".old-{dest.name}-{uuid.uuid4().hex[:8]}")
-    dest.rename(old)
-    try:
-        new.rename(dest)
-    except BaseException:
-        old.rename(dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def is_failed_start(path: Path) -> bool:
+    """A run directory that tuneforge marked but that got no checkpoint and no model: a start that failed (or was
+    killed); a rerun may replace it without train.overwrite."""
+    if read_run_marker(path) is None or (path / MODEL_DIR).exists():
+        return False
+    checkpoints = path / "checkpoints"
+    return not (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename): readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    replace_file(tmp, path)
 
 
 def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Path, task: dict[str, Any]) -> None:
@@ -92,12 +93,12 @@ def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Pat
 
     def write(plain_model: Any, state_dict: dict[str, Any]) -> None:
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_temp(tmp)
             plain_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             if processor is not None:
                 processor.save_pretrained(tmp)
             write_json(tmp / TASK_FILE, task)
-            replace_folder(tmp, path)
+            replace_folder(tmp, path, RUN_PART)
 
     unwrapped = accelerator.unwrap_model(model)
     if is_peft_model(unwrapped):  # every process merges and unmerges, so the replicas stay identical

@@ -11,7 +11,10 @@ from typing import Any
 
 from accelerate.tracking import GeneralTracker
 
+from finetune.errors import FILE_ONLY
+
 METRICS_LOG = "logs/metrics.jsonl"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JSONLTracker(GeneralTracker):
@@ -85,17 +88,15 @@ def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def setup_logging(run_dir: str | Path, *, is_main_process: bool) -> None:
-    """INFO logs to stderr and run_dir/logs/train.log on the main process; warnings only elsewhere."""
+def setup_logging(*, is_main_process: bool) -> None:
+    """INFO logs to stderr on the main process; warnings only elsewhere. `log_to_file` adds the run's train.log."""
     import datasets
     import transformers
 
     level = logging.INFO if is_main_process else logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if is_main_process:
-        handlers.append(logging.FileHandler(Path(run_dir) / "logs" / "train.log", encoding="utf-8"))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level,
-                        handlers=handlers, force=True)
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
+    logging.basicConfig(format=LOG_FORMAT, level=level, handlers=[console], force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the run's own
     # Tied weights (an LM head sharing the embedding) warn at every checkpoint; saving them once is intended.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -106,3 +107,11 @@ def setup_logging(run_dir: str | Path, *, is_main_process: bool) -> None:
     if not is_main_process:
         datasets.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+
+
+def log_to_file(run_dir: str | Path, *, is_main_process: bool) -> None:
+    """Also log to run_dir/logs/train.log (main process), where an error that ends the run is recorded too."""
+    if is_main_process:
+        handler = logging.FileHandler(Path(run_dir) / "logs" / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)

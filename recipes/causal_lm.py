@@ -33,7 +33,7 @@ from finetune.errors import exit_on_user_error
 from finetune.evaluation import score_causal_lm
 from finetune.generation import GenerationConfig, write_samples
 from finetune.lm_data import CausalLMCollator, LMDataConfig, build_lm_splits, prepare_tokenizer, render_prompt
-from finetune.loop import LossMeter, StepClock, TrainConfig, select_and_stop, start_run, write_results
+from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
 from finetune.lora import LoraConfig, apply_lora, count_parameters
 from finetune.models import ModelConfig, build_causal_lm, build_tokenizer
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
@@ -54,8 +54,9 @@ class Config:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    # 1. The accelerator (CPU, one or many GPUs, FSDP, DeepSpeed: set by `accelerate launch`) and the run directory.
-    accelerator, run_dir, resume = start_run(cfg, cfg.train, cfg.checkpoint)
+    # 1. The accelerator (CPU, one or many GPUs, FSDP, DeepSpeed: set by `accelerate launch`).
+    #    The run directory is created once data and model have loaded (step 3).
+    accelerator, resume = start_run(cfg, cfg.train, cfg.checkpoint)
 
     # 2. Data: tokenize once on the main process (the others reuse its cache); pack text into blocks or mask prompts.
     with accelerator.main_process_first():  # also the one process that converts an embedded GGUF model, on first use
@@ -73,6 +74,7 @@ def main(cfg: Config) -> dict[str, Any]:
     parameters = count_parameters(model)
     optimizer = build_optimizer(model, cfg.optim)  # trainable parameters only
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    run_dir = open_run(accelerator, cfg, cfg.train, resume)  # created only now that data and model loaded
     state = resume_state(run_dir, resume)  # the loop's position: step, epoch, best metric
     clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
                       show_progress=accelerator.is_local_main_process)

@@ -29,10 +29,10 @@ from finetune.checkpoint import (
     resume_state,
     stopped_early,
 )
-from finetune.config import config_from_dict, config_to_dict, parse_config
+from finetune.config import check_bounds, config_from_dict, config_to_dict, parse_config
 from finetune.errors import ConfigError, exit_on_user_error
 from finetune.evaluation import predict, score_classifier
-from finetune.loop import LossMeter, StepClock, TrainConfig, select_and_stop, start_run, write_results
+from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.shapes import record_shapes_
@@ -51,6 +51,10 @@ class KDConfig:
     alpha: float = 0.5  # weight of the hard-label cross-entropy; the soft targets get 1 - alpha
     temperature: float = 2.0
     cache_teacher_logits: bool = False  # the teacher's train logits computed once (no augmentation), not every step
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "in [0, 1]", "alpha")
+        check_bounds(self, "> 0", "temperature")
 
 
 @dataclass
@@ -75,7 +79,7 @@ def main(cfg: Config) -> dict[str, Any]:
     cfg.data = {**teacher_run.config["data"], **cfg.data, "label_names": teacher_run.meta["label_names"]}
     if image:
         cfg.augment = {**teacher_run.config.get("augment", {}), **cfg.augment}
-    accelerator, run_dir, resume = start_run(cfg, cfg.train, cfg.checkpoint)
+    accelerator, resume = start_run(cfg, cfg.train, cfg.checkpoint)
     teacher = load_model(teacher_run).to(accelerator.device)  # eval mode, no gradients
     if not image:
         teacher.set_attn_implementation("sdpa")  # loaded in the eager (export) form; sdpa runs faster
@@ -88,6 +92,7 @@ def main(cfg: Config) -> dict[str, Any]:
     model = build_student(cfg, teacher, teacher_run)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    run_dir = open_run(accelerator, cfg, cfg.train, resume)  # created only now that data and model loaded
     state = resume_state(run_dir, resume)
     clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
                       show_progress=accelerator.is_local_main_process)
@@ -102,7 +107,7 @@ def main(cfg: Config) -> dict[str, Any]:
     label_names = teacher_run.meta["label_names"]
     task = {**{k: v for k, v in teacher_run.meta.items() if k not in ("eval", "step", "pruning")},
             "num_parameters": sum(p.numel() for p in unwrapped.parameters()), "architecture": type(unwrapped).__name__,
-            "distillation": {"teacher": str(teacher_run.run_dir.resolve()), "teacher_eval": teacher_run.meta["eval"],
+            "distillation": {"teacher": teacher_run.run_dir.name, "teacher_eval": teacher_run.meta["eval"],
                              "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                              "student": cfg.student.name_or_path or {"teacher_layers": student_layers(cfg, teacher)},
                              **config_to_dict(cfg.distill)}}

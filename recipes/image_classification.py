@@ -35,7 +35,7 @@ from finetune.image_data import (
     prepare_images,
     resolve_preprocessing,
 )
-from finetune.loop import LossMeter, StepClock, TrainConfig, select_and_stop, start_run, write_results
+from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
 from finetune.models import ImageModelConfig, build_image_classifier, pretrained_preprocessing
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.plots import plot_misclassified
@@ -55,8 +55,9 @@ class Config:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    # 1. The accelerator (CPU, one or many GPUs: set by `accelerate launch`) and the run directory.
-    accelerator, run_dir, resume = start_run(cfg, cfg.train, cfg.checkpoint)
+    # 1. The accelerator (CPU, one or many GPUs: set by `accelerate launch`).
+    #    The run directory is created once data and model have loaded (step 3).
+    accelerator, resume = start_run(cfg, cfg.train, cfg.checkpoint)
 
     # 2. Data: decode and check every image now (never mid-epoch), fix the preprocessing that is saved with the
     #    model, and keep the images as uint8 arrays in memory at the model's size.
@@ -74,6 +75,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                    image_size=spec.size)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    run_dir = open_run(accelerator, cfg, cfg.train, resume)  # created only now that data and model loaded
     state = resume_state(run_dir, resume)  # the loop's position: step, epoch, best metric
     clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
                       show_progress=accelerator.is_local_main_process)

@@ -23,11 +23,11 @@ from finetune.checkpoint import (
     resume_state,
     stopped_early,
 )
-from finetune.config import config_to_dict, parse_config, save_config
+from finetune.config import config_to_dict, parse_config
 from finetune.data import TextDataConfig, build_dataloaders, encode_labels, load_raw_splits, tokenize_splits
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import predict, score_classifier, score_regressor
-from finetune.loop import LossMeter, StepClock, TrainConfig, select_and_stop, start_run, write_results
+from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
 from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer, fit_max_length
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
@@ -46,17 +46,15 @@ class Config:
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    # 1. The accelerator (CPU, one or many GPUs, FSDP, DeepSpeed: set by `accelerate launch`) and the run directory.
-    accelerator, run_dir, resume = start_run(cfg, cfg.train, cfg.checkpoint)
+    # 1. The accelerator (CPU, one or many GPUs, FSDP, DeepSpeed: set by `accelerate launch`).
+    #    The run directory is created once data and model have loaded (step 3).
+    accelerator, resume = start_run(cfg, cfg.train, cfg.checkpoint)
 
     # 2. Data: read, label, tokenize once on the main process (the others reuse its cache), then batch.
     regression = cfg.task == "regression"
     tokenizer = build_tokenizer(cfg.model)
     max_length = fit_max_length(cfg.model, tokenizer, cfg.data.max_length)
-    if max_length != cfg.data.max_length:  # capped at the model's positions: record what the run really uses
-        cfg.data.max_length = max_length
-        if accelerator.is_main_process:
-            save_config(cfg, run_dir / "config.yaml")
+    cfg.data.max_length = max_length  # capped at the model's positions: config.yaml records what the run uses
     with accelerator.main_process_first():
         raw = load_raw_splits(cfg.data, seed=cfg.train.seed)
         labelled, label_names = encode_labels(raw, cfg.data, regression=regression, num_labels=cfg.model.num_labels)
@@ -71,6 +69,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                       problem_type="regression" if regression else "single_label_classification")
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    run_dir = open_run(accelerator, cfg, cfg.train, resume)  # created only now that data and model loaded
     state = resume_state(run_dir, resume)  # the loop's position: step, epoch, best metric
     clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
                       show_progress=accelerator.is_local_main_process)

@@ -52,8 +52,8 @@ class Source:
         """The run directory this source came from, if it still exists here."""
         if self.manifest is None:
             return self.path
-        path = (self.meta.get("source_run") or {}).get("path")
-        return Path(path) if path and Path(path).is_dir() else None
+        path = (self.meta.get("source_run") or {}).get("path")  # relative to the bundle (absolute before 2026-12)
+        return (self.path / path).resolve() if path and (self.path / path).is_dir() else None
 
 
 def open_source(path: str | Path, *, verify: bool = True) -> Source:

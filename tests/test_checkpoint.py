@@ -27,7 +27,8 @@ from finetune.checkpoint import (
 )
 from finetune.errors import CheckpointError, ConfigError
 from finetune.loop import select_and_stop
-from finetune.rundir import prepare_run_dir, write_json
+from finetune.folders import RUN_MARKER, read_run_marker, write_run_marker
+from finetune.rundir import open_run_dir, write_json
 
 
 @pytest.fixture
@@ -57,6 +58,10 @@ def trained(accelerator):
 
 
 def manager(accelerator, run_dir, **cfg) -> CheckpointManager:
+    """The checkpoints of a run directory (marked as open_run_dir marks it: rotation deletes only in a run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_run_marker(run_dir) is None:
+        write_run_marker(run_dir)
     return CheckpointManager(accelerator, run_dir, CheckpointConfig(**cfg))
 
 
@@ -262,19 +267,19 @@ def test_metric_value_unknown_metric_lists_available():
 
 
 def test_checkpoint_config_validates_keep_last():
-    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
         CheckpointConfig(keep_last=0)
 
 
 # --- run directory ------------------------------------------------------------------------------------------
 
-def test_prepare_run_dir_creates_a_fresh_folder(accelerator, tmp_path):
-    run_dir = prepare_run_dir(accelerator, tmp_path / "run", resume=False, overwrite=False)
-    assert (run_dir / "logs").is_dir()
+def test_open_run_dir_creates_a_marked_folder(accelerator, tmp_path):
+    run_dir = open_run_dir(accelerator, tmp_path / "run", resume=False, overwrite=False)
+    assert (run_dir / "logs").is_dir() and read_run_marker(run_dir)["id"]
     # An existing empty folder is not a run: no error.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (prepare_run_dir(accelerator, empty, resume=False, overwrite=False) / "logs").is_dir()
+    assert (open_run_dir(accelerator, empty, resume=False, overwrite=False) / "logs").is_dir()
 
 
 def occupied_run(tmp_path):
@@ -283,44 +288,47 @@ def occupied_run(tmp_path):
     (run_dir / "logs").mkdir()
     (run_dir / "config.yaml").write_text("task: classification\n")
     (run_dir / "metrics.json").write_text("{}")
+    write_run_marker(run_dir)
     return run_dir
 
 
-def test_prepare_run_dir_refuses_an_occupied_folder(accelerator, tmp_path):
+def test_open_run_dir_refuses_an_occupied_folder(accelerator, tmp_path):
     run_dir = occupied_run(tmp_path)
     with pytest.raises(ConfigError) as info:
-        prepare_run_dir(accelerator, run_dir, resume=False, overwrite=False)
+        open_run_dir(accelerator, run_dir, resume=False, overwrite=False)
     message = str(info.value)
     for hint in ("checkpoint.resume_from=latest", "train.overwrite=true", "train.output_dir"):
         assert hint in message
     assert (run_dir / "metrics.json").is_file(), "a refused run must not touch the folder"
 
 
-def test_prepare_run_dir_overwrite_replaces(accelerator, tmp_path):
+def test_open_run_dir_overwrite_replaces(accelerator, tmp_path):
     run_dir = occupied_run(tmp_path)
-    prepare_run_dir(accelerator, run_dir, resume=False, overwrite=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["logs"]
+    old_id = read_run_marker(run_dir)["id"]
+    open_run_dir(accelerator, run_dir, resume=False, overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [RUN_MARKER, "logs"]
+    assert read_run_marker(run_dir)["id"] != old_id
 
 
-def test_prepare_run_dir_overwrite_replaces_only_a_run(accelerator, tmp_path, monkeypatch):
+def test_open_run_dir_overwrite_replaces_only_a_run(accelerator, tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
     (project / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"is not a run directory .* choose a new train\.output_dir"):
-        prepare_run_dir(accelerator, project, resume=False, overwrite=True)
+    with pytest.raises(ConfigError, match=r"is not a tuneforge run directory .* choose a new train\.output_dir"):
+        open_run_dir(accelerator, project, resume=False, overwrite=True)
     assert (project / "notes.txt").read_text() == "mine" and (project / "src").is_dir()
 
     run_dir = occupied_run(tmp_path)
     monkeypatch.chdir(run_dir / "model")
     with pytest.raises(ConfigError, match="the current folder is inside it"):
-        prepare_run_dir(accelerator, run_dir, resume=False, overwrite=True)
+        open_run_dir(accelerator, run_dir, resume=False, overwrite=True)
     assert (run_dir / "metrics.json").is_file()
 
 
-def test_prepare_run_dir_resume_keeps_contents(accelerator, tmp_path):
+def test_open_run_dir_resume_keeps_contents(accelerator, tmp_path):
     run_dir = occupied_run(tmp_path)
     for overwrite in (False, True):  # resuming wins over overwrite
-        prepare_run_dir(accelerator, run_dir, resume=True, overwrite=overwrite)
+        open_run_dir(accelerator, run_dir, resume=True, overwrite=overwrite)
         assert (run_dir / "metrics.json").is_file() and (run_dir / "model").is_dir()
         assert (run_dir / "logs").is_dir()
 

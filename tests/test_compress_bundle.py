@@ -100,13 +100,17 @@ def test_overwrite_replaces_a_bundle_and_nothing_else(image_run: Path, bundle: P
     notes.mkdir()
     (notes / "keep.txt").write_text("mine")
     for target in (notes, image_run):  # a folder of other files, the source run itself
-        with pytest.raises(BundleError, match="it is not a bundle"):
+        with pytest.raises(BundleError, match="it is not a tuneforge bundle"):
             export_bundle(image_run, target, overwrite=True)
     assert (notes / "keep.txt").read_text() == "mine" and (image_run / "model").is_dir()
 
-    (bundle / "stale.txt").write_text("from the old bundle")
+    (bundle / "notes.txt").write_text("the user's, put in the bundle folder")  # a bundle never writes it
+    with pytest.raises(BundleError, match=r"it holds notes\.txt, which a tuneforge bundle never holds"):
+        export_bundle(image_run, bundle, overwrite=True)
+    assert (bundle / "notes.txt").is_file()
+    (bundle / "notes.txt").unlink()
     assert export_bundle(image_run, bundle, overwrite=True).path == bundle
-    assert not (bundle / "stale.txt").exists() and read_manifest(bundle).variants.keys() == {"fp32"}
+    assert read_manifest(bundle).variants.keys() == {"fp32"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "notes"]  # no temp or old folder left
 
     monkeypatch.chdir(bundle)

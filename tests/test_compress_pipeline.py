@@ -153,7 +153,7 @@ class CopyConfig:
     note: str = "same weights"
 
 
-def copy_run(run_dir: Path, out: Path, *, config: CopyConfig) -> Path:
+def copy_run(run_dir: Path, out: Path, *, config: CopyConfig, overwrite: bool = False) -> Path:
     """A stand-in for prune_run / distill_run: writes a new run directory (here the same model)."""
     shutil.copytree(run_dir, out)
     return out
@@ -171,7 +171,7 @@ def test_a_run_to_run_stage_adds_the_new_models_variants(text_run: Path, tmp_pat
     assert list(manifest.variants) == ["fp32", "copied-fp32", "copied-int8-dynamic"]
     derived = manifest.variants["copied-fp32"]["derived"]
     assert derived["stage"] == "copied" and derived["settings"] == {"note": "n"}
-    assert derived["run"] == str((tmp_path / "bundle-runs" / "copied").resolve())
+    assert derived["run"] == "../bundle-runs/copied"  # relative to the bundle: no builder's absolute path
     int8 = manifest.variants["copied-int8-dynamic"]
     assert int8["parent"] == "copied-fp32" and int8["derived"] == derived
     assert manifest.variants["fp32"]["derived"] is None
