@@ -29,7 +29,7 @@ def machine() -> dict:
     versions, and the load average (other work on a shared machine)."""
     import torch
 
-    from compress.manifest import cpu_info
+    from serve.bundle.manifest import cpu_info
 
     cpu = cpu_info()
     return {"cpu": cpu["model"], "isa": [name for name, present in cpu["flags"].items() if present],

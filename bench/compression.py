@@ -44,7 +44,7 @@ from compress.latency import (
     ort_runner,
     torch_runner,
 )
-from compress.manifest import read_manifest
+from serve.bundle.manifest import read_manifest
 
 TEXT_COMPRESS = REPO / "recipes/configs/compress/text_default.yaml"
 IMAGE_COMPRESS = REPO / "recipes/configs/compress/mnist_cnn.yaml"

@@ -51,7 +51,7 @@ def score(model_dir: Path, data: str, batch_size: int) -> dict:
     from transformers import AutoModelForImageClassification
 
     import finetune.vision_models  # noqa: F401  (registers the baselines)
-    from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
+    from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
 
     task = json.loads((model_dir / "tuneforge.json").read_text())
     arrays = np.load(data)

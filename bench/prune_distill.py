@@ -60,10 +60,10 @@ def measure(name: str, run: Path, bundle: Path, sentences: list[str], args: argp
     import torch
 
     from compress.bundle import ExportConfig, export_bundle
-    from compress.inputs import encode_texts
-    from compress.manifest import read_manifest
     from compress.parity import open_session
     from compress.source import load_model, read_run
+    from serve.bundle.inputs import encode_texts
+    from serve.bundle.manifest import read_manifest
 
     torch.set_num_threads(args.threads)
     meta = json.loads((run / "model" / "tuneforge.json").read_text())

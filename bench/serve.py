@@ -95,7 +95,7 @@ def build_bundle(steps: int) -> tuple[Path, Path]:
 
 def int8_variant(bundle: Path, wanted: str | None) -> str:
     """The variant to serve: `wanted`, else the bundle's first int8 variant."""
-    from compress.manifest import read_manifest
+    from serve.bundle.manifest import read_manifest
 
     variants = read_manifest(bundle, verify=False).variants
     name = wanted or next((n for n in variants if n.startswith("int8")), None)
@@ -166,7 +166,7 @@ def model_cost_per_item(bundle: Path, variant: str, length: int = 20) -> dict[st
     """Best-of-N milliseconds per item of the graph alone (1 thread, no tokenization) at batch 1, 8 and 32."""
     import numpy as np
 
-    from compress.manifest import read_manifest
+    from serve.bundle.manifest import read_manifest
     from serve.runtime import create_session
 
     session = create_session(read_manifest(bundle, verify=False).graph_path(variant), threads=1)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             _run(args)
             return
         if args.command == "verify":
-            from compress.manifest import read_manifest
+            from serve.bundle.manifest import read_manifest
 
             manifest = read_manifest(args.bundle)
             summary = {name: {"files": [g["file"] for g in v["graphs"].values()], "size_bytes": v["size_bytes"],

@@ -2,7 +2,7 @@
 
 `export_bundle` builds the whole bundle in a temp folder next to the target and renames it into place only after
 every gate passed; `add_variant` adds a variant (e.g. a quantized graph gated by phase-2 code) to an existing bundle
-and commits it by replacing manifest.json. The format itself is described in compress.manifest.
+and commits it by replacing manifest.json. The format itself is described in serve.bundle.manifest.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from compress.export import DEFAULT_OPSET, EXPORTER, Graph, describe_graph
-from compress.manifest import (
+from compress.optimize import DEFAULT_SKIP_FUSIONS, optimization_settings, optimize_graph, session_settings
+from compress.parity import ParityConfig, check_generation, check_graph, open_session
+from compress.source import Run, load_model, load_samples, read_run
+from compress.tasks import TaskExport, prepare_task
+from serve.bundle.folders import FolderGuard, relative_path, remove_temp, replace_file, replace_folder
+from serve.bundle.manifest import (
     MANIFEST,
     BundleError,
     Manifest,
@@ -28,11 +33,6 @@ from compress.manifest import (
     utc_now,
     write_manifest,
 )
-from compress.optimize import DEFAULT_SKIP_FUSIONS, optimization_settings, optimize_graph, session_settings
-from compress.parity import ParityConfig, check_generation, check_graph, open_session
-from compress.source import Run, load_model, load_samples, read_run
-from compress.tasks import TaskExport, prepare_task
-from finetune.folders import FolderGuard, relative_path, remove_temp, replace_file, replace_folder
 
 logger = logging.getLogger(__name__)
 

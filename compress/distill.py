@@ -26,7 +26,7 @@ from torch import nn
 from compress.errors import StageError
 from compress.launch import check_output_run, output_run_guard, run_recipe, temp_dir_near
 from compress.source import read_run
-from finetune.folders import remove_temp, replace_folder
+from serve.bundle.folders import remove_temp, replace_folder
 
 logger = logging.getLogger(__name__)
 

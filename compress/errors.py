@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from finetune.errors import TuneforgeError
+from serve.bundle.errors import TuneforgeError
 
 
 class ExportError(TuneforgeError):

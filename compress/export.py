@@ -1,6 +1,6 @@
 """Export PyTorch models to ONNX graphs with dynamic batch and sequence axes (torch.onnx.export, TorchScript).
 
-Graphs (names are the manifest's; see compress.manifest for shapes):
+Graphs (names are the manifest's; see serve.bundle.manifest for shapes):
   - classifiers: the model's own inputs (input_ids, attention_mask, token_type_ids where the model uses it;
     pixel_values) -> logits;
   - causal LMs: "model" (no cache: input_ids, attention_mask, position_ids -> logits) and "decoder", which takes and

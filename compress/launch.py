@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from compress.errors import StageError
-from finetune.folders import FolderGuard, run_dir_guard
+from serve.bundle.folders import FolderGuard, run_dir_guard
 
 logger = logging.getLogger(__name__)
 

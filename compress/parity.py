@@ -160,7 +160,7 @@ def check_generation(decoder: Any, model: Any, prompts: list[dict[str, np.ndarra
     import torch
     from transformers import GenerationConfig
 
-    from compress.decoding import greedy_generate
+    from serve.bundle.decoding import greedy_generate
 
     # Pure greedy: a fresh config, so the run's own processors (repetition penalty...) do not apply.
     settings = GenerationConfig(max_new_tokens=config.generate_steps, do_sample=False, num_beams=1,

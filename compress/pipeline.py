@@ -53,7 +53,6 @@ from compress.distill import DistillConfig, distill_run
 from compress.errors import ExportError
 from compress.export import DEFAULT_OPSET
 from compress.latency import LatencyConfig, measure, ort_runner, torch_runner
-from compress.manifest import Manifest, read_manifest
 from compress.metric_gate import GateConfig
 from compress.optimize import DEFAULT_SKIP_FUSIONS, session_settings
 from compress.parity import ParityConfig
@@ -63,7 +62,8 @@ from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
 from finetune.config import config_from_dict, config_to_dict
 from finetune.errors import ConfigError
-from finetune.folders import relative_path
+from serve.bundle.folders import relative_path
+from serve.bundle.manifest import Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 

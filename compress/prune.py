@@ -30,9 +30,9 @@ from compress.source import Run, load_model, read_run
 from compress.sparsity import prune_magnitude_
 from compress.structured import gradient_scores, magnitude_scores, prune_units_
 from compress.units import KINDS, find_units, update_config_
-from finetune.folders import RUN_PART, clear_folder, remove_temp, replace_folder, write_run_marker
 from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
 from finetune.shapes import record_shapes_
+from serve.bundle.folders import RUN_PART, clear_folder, remove_temp, replace_folder, write_run_marker
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bundle import edit_manifest
-from compress.manifest import read_manifest
+from serve.bundle.manifest import read_manifest
 
 REPORT_MD, REPORT_JSON, REPORT_PLOT = "report.md", "report.json", "tradeoff.png"
 BASELINE = "torch-fp32"

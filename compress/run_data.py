@@ -83,7 +83,7 @@ def _text_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
 
 def _image_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
     from finetune.image_data import build_image_dataloaders, prepare_images
-    from finetune.image_preprocessing import PreprocessingSpec
+    from serve.bundle.preprocessing import PreprocessingSpec
 
     loaded = image_splits(run)
     if loaded is None:

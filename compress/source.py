@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ExportError
-from compress.manifest import TASKS
 from finetune.config import config_from_dict, yaml_load
-from finetune.errors import TuneforgeError
 from finetune.rundir import MODEL_DIR, TASK_FILE
+from serve.bundle.errors import TuneforgeError
+from serve.bundle.manifest import TASKS
 
 logger = logging.getLogger(__name__)
 

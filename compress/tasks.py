@@ -1,6 +1,6 @@
 """Per-task export: the bundle assets and manifest sections, the parity cases, the fp32 graphs, eval-split metrics.
 
-Parity inputs are built with the bundle's own tokenizer.json / preprocessing spec (compress.inputs), so every gate
+Parity inputs are built with the bundle's own tokenizer.json / preprocessing spec (serve.bundle.inputs), so every gate
 also exercises the assets an app will use. Each task checks two sequence lengths (its shortest and longest samples)
 at every batch size of the parity config; padded batches check the attention masks.
 """
@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from compress.decoding import empty_past
 from compress.errors import ExportError
 from compress.export import (
     LM_INPUTS,
@@ -29,12 +28,13 @@ from compress.export import (
     export_decoder,
     forward_input_names,
 )
-from compress.inputs import encode_texts, position_ids
-from compress.manifest import TOKENIZER_FILE
 from compress.parity import Case, ParityConfig, open_session
 from compress.source import TEXT_TASKS, Run, Samples, image_splits, load_tokenizer, run_data_config, text_splits
 from compress.units import attention_shape
-from finetune.image_preprocessing import PreprocessingSpec, normalize, preprocess_batch, to_model_pixels_batch
+from serve.bundle.decoding import empty_past
+from serve.bundle.inputs import encode_texts, position_ids
+from serve.bundle.manifest import TOKENIZER_FILE
+from serve.bundle.preprocessing import PreprocessingSpec, normalize, preprocess_batch, to_model_pixels_batch
 
 logger = logging.getLogger(__name__)
 

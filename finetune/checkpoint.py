@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from finetune.config import check_bounds
 from finetune.errors import CheckpointError, ConfigError
-from finetune.folders import RUN_PART, clear_folder, move_into_place, remove_temp, replace_folder
 from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
+from serve.bundle.folders import RUN_PART, clear_folder, move_into_place, remove_temp, replace_folder
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from finetune.image_preprocessing import PreprocessingSpec
+from serve.bundle.preprocessing import PreprocessingSpec
 
 
 @dataclass

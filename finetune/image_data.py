@@ -9,7 +9,7 @@ Sources (`data.train`, `data.eval`):
   - a hub dataset id (needs network).
 
 Every source yields uint8 images first. Images are decoded (and checked) when loaded, never mid-epoch; the
-eval-time steps come from `finetune.image_preprocessing`, the module that export and serving use too.
+eval-time steps come from `serve.bundle.preprocessing`, the module that export and serving use too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 from finetune.config import check_bounds, check_unique
 from finetune.data import EpochSampler, check_local, label_ids, load_hub_splits, load_table, resolve_label_names
 from finetune.errors import ConfigError, DataError
-from finetune.image_preprocessing import (
+from serve.bundle.preprocessing import (
     ImageError,
     PreprocessingSpec,
     as_uint8,

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from finetune.config import check_bounds
 from finetune.errors import ModelError
-from finetune.folders import move_into_place, remove_temp
+from serve.bundle.folders import move_into_place, remove_temp
 
 logger = logging.getLogger(__name__)
 

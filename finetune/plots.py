@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.folders import replace_file
+from serve.bundle.folders import replace_file
 
 
 def _pyplot() -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConfigError
-from finetune.folders import (
+from serve.bundle.folders import (
     RUN_PART,
     clear_folder,
     read_run_marker,
@@ -24,23 +24,24 @@ logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 TASK_FILE = "tuneforge.json"  # task metadata that compress/ and serve/ read next to the weights
+RUN_DIR_GUARD = run_dir_guard(setting="train.overwrite", key="train.output_dir", error=ConfigError)
 
 
 def check_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before anything is written, an output_dir that a new run may not take: a file, or a folder holding a
-    run (or anything else) when not resuming, unless `overwrite` may replace it (see finetune.folders)."""
+    run (or anything else) when not resuming, unless `overwrite` may replace it (see serve.bundle.folders)."""
     run_dir = Path(path)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.output_dir {run_dir} is a file, not a folder; choose another train.output_dir")
     if resume or not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if is_failed_start(run_dir):  # replaced without train.overwrite, but only if it holds nothing else
-        run_dir_guard().check(run_dir)
+        RUN_DIR_GUARD.check(run_dir)
         return
     if not overwrite:
         raise ConfigError(f"run directory {run_dir} already holds a run; set checkpoint.resume_from=latest to "
                           "continue it, train.overwrite=true to replace it, or another train.output_dir")
-    run_dir_guard().check(run_dir)
+    RUN_DIR_GUARD.check(run_dir)
 
 
 def open_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwrite: bool) -> Path:
@@ -55,7 +56,7 @@ def open_run_dir(accelerator: Any, path: str | Path, *, resume: bool, overwrite:
         if occupied and not resume:
             if is_failed_start(run_dir):
                 logger.info("replacing %s: a run that stopped before its first checkpoint or model", run_dir)
-            clear_folder(run_dir, run_dir_guard())
+            clear_folder(run_dir, RUN_DIR_GUARD)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         if read_run_marker(run_dir) is None:
             write_run_marker(run_dir)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from compress.manifest import Manifest
 from compress.pipeline import CompressConfig, run_pipeline
 from finetune.config import parse_config
 from finetune.errors import exit_on_user_error
+from serve.bundle.manifest import Manifest
 
 Config = CompressConfig  # run_dir, out, stages, data overrides, gate, latency, default_variant, report
 

@@ -196,7 +196,7 @@ def image_data(cfg: Config, teacher_run: Any, teacher: torch.nn.Module, accelera
     """Train / eval loaders of the teacher's images, preprocessed as for the teacher; the augmenter."""
     from finetune.image_augment import AugmentConfig, BatchAugmenter
     from finetune.image_data import ImageDataConfig, build_image_dataloaders, load_image_splits, prepare_images
-    from finetune.image_preprocessing import PreprocessingSpec, normalize
+    from serve.bundle.preprocessing import PreprocessingSpec, normalize
 
     data = config_from_dict(ImageDataConfig, cfg.data, prefix="data.")
     augment = config_from_dict(AugmentConfig, cfg.augment, prefix="augment.")
@@ -232,7 +232,6 @@ def student_layers(cfg: Config, teacher: torch.nn.Module) -> list[int]:
 
 def build_student(cfg: Config, teacher: torch.nn.Module, teacher_run: Any) -> torch.nn.Module:
     """The teacher's blocks `student.layers` (default every other one), or the model `student.name_or_path`."""
-    from finetune.image_preprocessing import PreprocessingSpec
     from finetune.models import (
         ImageModelConfig,
         ModelConfig,
@@ -240,6 +239,7 @@ def build_student(cfg: Config, teacher: torch.nn.Module, teacher_run: Any) -> to
         build_sequence_classifier,
         build_tokenizer,
     )
+    from serve.bundle.preprocessing import PreprocessingSpec
 
     names, name = teacher_run.meta["label_names"], cfg.student.name_or_path
     if name is None:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from finetune.errors import TuneforgeError, exit_on_user_error
 from serve.batching import BatchingConfig
+from serve.bundle.errors import TuneforgeError, exit_on_user_error
 from serve.errors import ServeError
 from serve.generation import Detokenizer
 from serve.sources import DemoModel, Source, demo_models, image_examples, open_source, report_markdown, text_examples
@@ -286,7 +286,7 @@ def _checked_image(gr: Any, path: str | None, max_bytes: float) -> Any:
     """The uploaded file as a decoded Pillow image, or gr.Error saying what is wrong with it."""
     from PIL import Image
 
-    from finetune.image_preprocessing import load_image
+    from serve.bundle.preprocessing import load_image
 
     if not path:
         raise gr.Error("Upload an image first.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune.errors import TuneforgeError
+from serve.bundle.errors import TuneforgeError
 
 
 class ServeError(TuneforgeError):

@@ -1,7 +1,7 @@
 """Text generation with a KV-cache model step: sampling rules as transformers applies them, streamed text. numpy only.
 
-The model is a `compress.decoding.Step` (the ONNX decoder graph's `onnx_step`, or serve.pytorch's PyTorch step) run
-by `compress.decoding.decode_loop`. The next-token rule follows transformers' order: repetition penalty, then
+The model is a `serve.bundle.decoding.Step` (the ONNX decoder graph's `onnx_step`, or serve.pytorch's PyTorch step) run
+by `serve.bundle.decoding.decode_loop`. The next-token rule follows transformers' order: repetition penalty, then
 temperature, top-k, top-p, then a draw (or argmax when greedy).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.decoding import Step, decode_loop
+from serve.bundle.decoding import Step, decode_loop
 from serve.errors import InputError
 
 Prompt = str | list[dict[str, str]]  # a text, or a conversation rendered by the chat template

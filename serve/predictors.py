@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from compress.inputs import encodings_to_arrays
-from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
 from serve.batching import BatchingConfig, MicroBatcher
+from serve.bundle.inputs import encodings_to_arrays
+from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
 from serve.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from compress.decoding import Step
-from finetune.image_preprocessing import PreprocessingSpec
 from serve.batching import BatchingConfig
+from serve.bundle.decoding import Step
+from serve.bundle.preprocessing import PreprocessingSpec
 from serve.generation import GenerationSettings, TextGenerator
 from serve.predictors import Forward, ImageClassifier, TextClassifier
 
@@ -79,7 +79,7 @@ def _forward(model: Any) -> Forward:
 
 
 def torch_step(model: Any, input_names: list[str]) -> Step:
-    """The `compress.decoding.decode_loop` step of a PyTorch causal LM; its state is the model's KV cache."""
+    """The `serve.bundle.decoding.decode_loop` step of a PyTorch causal LM; its state is the model's KV cache."""
     import torch
 
     def step(feeds: dict[str, np.ndarray], past: Any) -> tuple[np.ndarray, Any]:

@@ -5,7 +5,7 @@
     for p in model.predict(["A wonderful film.", "Dull."]):
         print(p.label, p.probabilities)
 
-Imports numpy, onnxruntime, tokenizers, Pillow and the numpy-only helpers of compress and finetune; never torch,
+Imports numpy, onnxruntime, tokenizers, Pillow and the bundle contract (serve.bundle); never torch,
 transformers or datasets (a test checks), so `pip install tuneforge` (no extras) is all an app needs.
 """
 
@@ -16,10 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from compress.decoding import onnx_step
-from compress.manifest import BundleError, Manifest, read_manifest, verify_files
-from finetune.image_preprocessing import PreprocessingSpec
 from serve.batching import BatchingConfig
+from serve.bundle.decoding import onnx_step
+from serve.bundle.manifest import BundleError, Manifest, read_manifest, verify_files
+from serve.bundle.preprocessing import PreprocessingSpec
 from serve.errors import ServeError
 from serve.generation import GenerationSettings, TextGenerator
 from serve.predictors import ImageClassifier, Prediction, TextClassifier

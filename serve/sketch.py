@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from finetune.image_preprocessing import PreprocessingSpec
+from serve.bundle.preprocessing import PreprocessingSpec
 
 MARGIN = 0.15  # blank border around the digit, as a fraction of the square's side (MNIST: 4 px of 28)
 INK_THRESHOLD = 16  # 0..255: fainter pixels are canvas noise, not strokes

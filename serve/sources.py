@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.manifest import MANIFEST, Manifest, read_manifest
 from serve.batching import BatchingConfig
+from serve.bundle.manifest import MANIFEST, Manifest, read_manifest
 from serve.errors import ServeError
 
 logger = logging.getLogger(__name__)

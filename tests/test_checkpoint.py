@@ -27,8 +27,8 @@ from finetune.checkpoint import (
 )
 from finetune.errors import CheckpointError, ConfigError
 from finetune.loop import select_and_stop
-from finetune.folders import RUN_MARKER, read_run_marker, write_run_marker
 from finetune.rundir import open_run_dir, write_json
+from serve.bundle.folders import RUN_MARKER, read_run_marker, write_run_marker
 
 
 @pytest.fixture

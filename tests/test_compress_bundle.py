@@ -16,8 +16,8 @@ from conftest import REPO, make_image_run
 
 from compress.bundle import add_variant, export_bundle
 from compress.errors import ParityError
-from compress.manifest import BundleError, read_manifest, sha256_file
 from compress.parity import Case, ParityConfig, check_graph
+from serve.bundle.manifest import BundleError, read_manifest, sha256_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

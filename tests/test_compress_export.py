@@ -16,7 +16,7 @@ from conftest import CHAT_TEMPLATE, GENERATION_DEFAULTS, REPO, make_causal_lm_ru
 
 from compress.bundle import ExportConfig, export_bundle
 from compress.errors import ParityError
-from compress.manifest import FORMAT, read_manifest
+from serve.bundle.manifest import FORMAT, read_manifest
 
 TEXTS = ["good", "the movie was really bad and boring and the product was broken", "it is nice"]
 PROMPTS = ["The quick brown fox", "Every line here ends with a full stop, and every story", "A small"]
@@ -114,8 +114,8 @@ def test_text_bundle_runs_without_torch_and_matches_pytorch(text_bundle: Path, t
 import json
 from tokenizers import Tokenizer
 import onnxruntime as ort
-from compress.manifest import read_manifest
-from compress.inputs import encode_texts
+from serve.bundle.manifest import read_manifest
+from serve.bundle.inputs import encode_texts
 m = read_manifest({str(text_bundle)!r})
 tok = Tokenizer.from_file(str(m.path / m.data["tokenizer"]["file"]))
 out = {{}}
@@ -214,9 +214,9 @@ def test_lm_greedy_with_cache_without_torch_equals_pytorch_generate(lm_bundle: t
 import json
 from tokenizers import Tokenizer
 import onnxruntime as ort
-from compress.manifest import read_manifest
-from compress.inputs import encode_texts
-from compress.decoding import greedy_generate
+from serve.bundle.manifest import read_manifest
+from serve.bundle.inputs import encode_texts
+from serve.bundle.decoding import greedy_generate
 m = read_manifest({str(bundle)!r})
 tok = Tokenizer.from_file(str(m.path / "tokenizer.json"))
 out = {{}}
@@ -249,7 +249,7 @@ def test_export_leaves_the_model_in_eval_mode(tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
     from compress.export import LM_INPUTS, export_causal_lm
-    from compress.inputs import position_ids
+    from serve.bundle.inputs import position_ids
 
     run = make_causal_lm_run(tmp_path / "run", arch="gpt2")
     model = AutoModelForCausalLM.from_pretrained(run / "model", attn_implementation="eager").eval()
@@ -282,7 +282,7 @@ def test_image_bundle(tmp_path: Path):
     from PIL import Image
     from transformers import AutoModelForImageClassification
 
-    from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
+    from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8))
     pixels = preprocess_batch([image, image.convert("L")], PreprocessingSpec.from_dict(data["preprocessing"]))

@@ -14,11 +14,11 @@ import pytest
 from conftest import REPO, run_recipe
 
 from compress.latency import LatencyConfig
-from compress.manifest import read_manifest, sha256_file
 from compress.metric_gate import GateConfig
 from compress.pipeline import STAGES, CompressConfig, StageKind, plan_stages, run_pipeline, transform_stage
 from finetune.config import load_config
 from finetune.errors import ConfigError
+from serve.bundle.manifest import read_manifest, sha256_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONFIGS = REPO / "recipes" / "configs" / "compress"

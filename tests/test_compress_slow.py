@@ -13,8 +13,8 @@ import pytest
 from conftest import GENERATION_DEFAULTS, run_recipe
 
 from compress.bundle import ExportConfig, export_bundle
-from compress.manifest import read_manifest
 from compress.quantize import Settings, quantize_graph
+from serve.bundle.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from conftest import REPO, SHAPES, run_recipe
 from safetensors.torch import load_file
 
 from finetune.evaluation import score_classifier
-from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
+from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
 
 CONFIGS = "recipes/configs/image_classification"
 # Each shipped config with a tiny version of its model.

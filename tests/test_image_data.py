@@ -22,7 +22,7 @@ from finetune.image_data import (
     prepare_images,
     resolve_preprocessing,
 )
-from finetune.image_preprocessing import PreprocessingSpec, preprocess
+from serve.bundle.preprocessing import PreprocessingSpec, preprocess
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -1,4 +1,4 @@
-"""finetune.image_preprocessing: the torch-free eval-time pipeline that training, export and serving share."""
+"""serve.bundle.preprocessing: the torch-free eval-time pipeline that training, export and serving share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import make_shape_images
 from PIL import Image
 from test_imports import modules_after, top_level
 
-from finetune.image_preprocessing import (
+from serve.bundle.preprocessing import (
     ImageError,
     PreprocessingSpec,
     as_uint8,
@@ -27,10 +27,10 @@ RGB = PreprocessingSpec(size=(6, 8), color_mode="RGB", mean=[0.5, 0.4, 0.3], std
 
 
 def test_module_imports_without_torch_or_transformers():
-    loaded = top_level(modules_after("import finetune.image_preprocessing"))
+    loaded = top_level(modules_after("import serve.bundle.preprocessing"))
     assert "finetune" in loaded and "PIL" in loaded and "numpy" in loaded  # the import really ran
     for heavy in ("torch", "transformers", "datasets", "accelerate", "sklearn"):
-        assert heavy not in loaded, f"finetune.image_preprocessing imported {heavy}"
+        assert heavy not in loaded, f"serve.bundle.preprocessing imported {heavy}"
 
 
 def test_spec_round_trips_through_its_json_form():

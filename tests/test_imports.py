@@ -9,18 +9,13 @@ import sys
 
 from conftest import REPO
 
-SUBMODULES = ["config", "data", "lm_data", "models", "lora", "generation", "optim", "metrics", "checkpoint",
-              "evaluation", "tracking", "plots", "rundir", "errors", "image_preprocessing", "image_data",
-              "image_augment", "vision_models", "shapes"]
-COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "export", "parity", "optimize", "tasks",
-                       "bundle", "metric_gate", "quantize", "latency", "report", "pipeline", "units", "structured",
-                       "sparsity", "prune", "distill", "launch", "run_data"]
-# What serve.runtime may import (no torch, transformers or datasets).
-TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
-              "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]
-SERVE_SUBMODULES = ["errors", "batching", "predictors", "generation", "runtime", "pytorch", "sources", "sketch", "app"]
+from test_layering import floor, modules
+
 # evaluate imports transformers.pipelines (seconds per process): only finetune.metrics.load_metric imports it.
-HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf", "evaluate"]
+HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf", "evaluate", "fastapi", "uvicorn", "ray"]
+# Found by folder, so a new module is covered: the bundle floor and the runtime (everything in serve/ but the demo).
+TORCH_FREE = sorted(name for name in modules() if floor(name) in ("bundle", "runtime") and name != "serve.__main__")
+ALL = sorted(name for name in modules() if not name.endswith("__main__"))
 
 
 def modules_after(code: str) -> set[str]:
@@ -37,17 +32,11 @@ def top_level(modules: set[str]) -> set[str]:
 
 
 def test_modules_do_not_import_export_or_serving_dependencies():
-    lines = ["import finetune", *(f"import finetune.{m}" for m in SUBMODULES), "import compress",
-             *(f"import compress.{m}" for m in COMPRESS_SUBMODULES), "import serve",
-             *(f"import serve.{m}" for m in SERVE_SUBMODULES)]
-    imports = "\n".join(lines)
-    loaded = modules_after(imports)
-    assert {f"finetune.{m}" for m in SUBMODULES} <= loaded  # the imports really ran
-    assert {f"compress.{m}" for m in COMPRESS_SUBMODULES} <= loaded
-    assert {f"serve.{m}" for m in SERVE_SUBMODULES} <= loaded
+    loaded = modules_after("\n".join(f"import {m}" for m in ALL))
+    assert set(ALL) <= loaded and len(ALL) > 50  # the imports really ran
     assert "torch" in loaded  # sanity: the heavy training stack did load
     leaked = sorted(set(HEAVY_OPTIONAL) & top_level(loaded))
-    assert not leaked, f"importing the training modules loaded {leaked}"
+    assert not leaked, f"importing the modules loaded {leaked}"
     assert "transformers.pipelines" not in loaded
 
 
@@ -58,13 +47,14 @@ def test_import_finetune_is_cheap():
         assert heavy not in loaded, f"`import finetune` imported {heavy}"
 
 
-def test_bundle_reading_modules_do_not_need_torch():
-    """compress.manifest is standard library only; the input and decoding helpers add numpy, not torch."""
+def test_bundle_and_runtime_modules_do_not_need_torch():
+    """serve.bundle.manifest is standard library only; the bundle floor and the runtime add numpy, never torch."""
     baseline = top_level(modules_after(""))  # what interpreter start-up loads (site hooks, .pth finders)
-    loaded = top_level(modules_after("import compress.manifest"))
-    third_party = loaded - baseline - set(sys.stdlib_module_names) - {"finetune", "compress"}
-    assert "compress" in loaded and not third_party, f"compress.manifest imported {sorted(third_party)}"
+    loaded = top_level(modules_after("import serve.bundle.manifest"))
+    third_party = loaded - baseline - set(sys.stdlib_module_names) - {"serve"}
+    assert "serve" in loaded and not third_party, f"serve.bundle.manifest imported {sorted(third_party)}"
+    assert "serve.runtime" in TORCH_FREE and "serve.bundle.preprocessing" in TORCH_FREE
     loaded = top_level(modules_after("\n".join(f"import {m}" for m in TORCH_FREE)))
     assert "numpy" in loaded
-    for heavy in ("torch", "transformers", "datasets", *HEAVY_OPTIONAL):
-        assert heavy not in loaded, f"the torch-free compress modules imported {heavy}"
+    for heavy in ("torch", "transformers", "datasets", "finetune", "compress", *HEAVY_OPTIONAL):
+        assert heavy not in loaded, f"the torch-free modules imported {heavy}"

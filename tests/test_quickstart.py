@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import run_recipe
 
-from compress.manifest import read_manifest
+from serve.bundle.manifest import read_manifest
 
 
 def test_quickstart_trains_compresses_and_prints_the_demo_command(tiny_bert: Path, sentiment_data: dict[str, Path],

@@ -19,10 +19,10 @@ from finetune.checkpoint import CheckpointConfig, EarlyStoppingConfig
 from finetune.config import config_from_dict
 from finetune.data import TextDataConfig
 from finetune.errors import ConfigError
-from finetune.folders import RUN_MARKER, read_run_marker, write_run_marker
 from finetune.image_data import ImageDataConfig
 from finetune.loop import TrainConfig
 from finetune.optim import OptimConfig
+from serve.bundle.folders import RUN_MARKER, read_run_marker, write_run_marker
 
 
 def make_project(path: Path) -> dict[str, str]:

@@ -283,7 +283,7 @@ def test_browser_draws_a_digit_on_the_sketchpad(demo: dict, browser):
 
 
 def test_sketch_is_cropped_centred_and_matches_the_training_polarity():
-    from finetune.image_preprocessing import PreprocessingSpec
+    from serve.bundle.preprocessing import PreprocessingSpec
 
     canvas = np.zeros((280, 280, 4), dtype=np.uint8)
     canvas[20:120, 200:220] = (0, 0, 0, 255)  # a stroke in the top-right corner

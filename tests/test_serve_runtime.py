@@ -20,8 +20,8 @@ import torch
 from conftest import REPO, make_causal_lm_run
 from PIL import Image
 
-from compress.manifest import BundleError
 from serve import runtime
+from serve.bundle.manifest import BundleError
 from serve.errors import InputError, ServeError
 from serve.generation import GenerationSettings, Sampler, TextGenerator
 from serve.pytorch import load_run
@@ -75,7 +75,7 @@ def test_text_predictions_match_pytorch(serve_text_bundle: Path, text_run: Path,
 def test_sessions_use_the_settings_the_variant_was_measured_with(serve_text_bundle: Path, monkeypatch):
     import onnxruntime as ort
 
-    from compress.manifest import read_manifest
+    from serve.bundle.manifest import read_manifest
 
     created = []
     real = ort.InferenceSession
@@ -183,7 +183,7 @@ def test_image_predictions_match_pytorch_from_paths_pillow_and_arrays(serve_imag
                                                                       tmp_path: Path):
     from transformers import AutoModelForImageClassification
 
-    from finetune.image_preprocessing import PreprocessingSpec, preprocess_batch
+    from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (30, 27, 3), dtype=np.uint8) for _ in range(3)]  # off-size: resize runs
@@ -423,7 +423,7 @@ def test_clear_errors_for_bundles_and_inputs(serve_pair_bundle: Path, serve_lm_b
 
 
 def test_image_input_errors(serve_image_bundle: Path, tmp_path: Path):
-    from finetune.image_preprocessing import ImageError
+    from serve.bundle.preprocessing import ImageError
 
     model = runtime.load(serve_image_bundle)
     (tmp_path / "notes.png").write_text("not an image")

@@ -111,21 +111,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import TuneforgeError
-from finetune.folders import replace_file
+from serve.bundle.errors import BundleError
+from serve.bundle.folders import replace_file
+from serve.bundle.tasks import TASKS
 
 FORMAT = "tuneforge-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-TASKS = ("text-classification", "text-regression", "causal-lm", "image-classification")
 # ISA extensions that decide which int8 / fp32 kernels ONNX Runtime can use (names as in /proc/cpuinfo).
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")
-
-
-class BundleError(TuneforgeError):
-    """A bundle folder is missing, incomplete, corrupted, or of a format version this code cannot read."""
 
 
 @dataclass

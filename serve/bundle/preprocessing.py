@@ -8,7 +8,7 @@ image (path, bytes, PIL image, or uint8 / float array HxW or HxWxC)
   -> float32 [channels, height, width]
 
 The steps are a `PreprocessingSpec`, saved in a run's `model/tuneforge.json` under "preprocessing". This module
-imports only numpy, Pillow and finetune.errors (never torch or transformers), so an app without PyTorch can import it.
+imports only numpy and Pillow (never torch or transformers), so an app without PyTorch can import it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from finetune.errors import DataError
+from serve.bundle.errors import DataError
 
 ColorMode = Literal["L", "RGB"]
 RESAMPLE_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,

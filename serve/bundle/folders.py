@@ -2,7 +2,7 @@
 
 A user's folder is never deleted by mistake: a folder is replaced only when its owner's marks say beyond doubt that
 tuneforge wrote it (a run directory's marker file, a bundle's manifest) and it holds nothing that tuneforge never
-writes there; temp folders are removed only by their temp names. `tests/test_folders.py` fails on any `rmtree`,
+writes there; temp folders are removed only by their temp names. `tests/test_safety.py` fails on any `rmtree`,
 `replace` or `rename` outside this module. Standard library only.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from finetune.errors import ConfigError, TuneforgeError
+from serve.bundle.errors import TuneforgeError
 
 RUN_MARKER = ".tuneforge-run.json"
 # Everything a recipe (or a compress stage writing a run) puts at the top of a run directory.
@@ -36,7 +36,7 @@ class FolderGuard:
     owned: Callable[[Path], Collection[str] | None]
     setting: str  # what asked for the replacement, e.g. train.overwrite
     key: str  # where the user picks another path, e.g. train.output_dir
-    error: type[TuneforgeError] = ConfigError
+    error: type[TuneforgeError] = TuneforgeError
     mark: str = ""  # how the kind is recognised, said when a folder lacks it
 
     def check(self, path: Path) -> None:
@@ -87,8 +87,7 @@ def run_entries(path: Path) -> Collection[str] | None:
     return RUN_ENTRIES if read_run_marker(path) is not None else None
 
 
-def run_dir_guard(*, setting: str = "train.overwrite", key: str = "train.output_dir",
-                  error: type[TuneforgeError] = ConfigError) -> FolderGuard:
+def run_dir_guard(*, setting: str, key: str, error: type[TuneforgeError]) -> FolderGuard:
     return FolderGuard("tuneforge run directory", run_entries, setting, key, error, f" (no {RUN_MARKER})")
 
 

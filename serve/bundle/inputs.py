@@ -1,7 +1,7 @@
 """Graph inputs from raw samples with only a bundle's own assets: tokenizers, numpy and Pillow, no PyTorch.
 
 The parity gates feed the graphs through these functions, so the bundle's tokenizer.json is exercised by every export;
-an app (serve.runtime) can build its inputs the same way. Images go through `finetune.image_preprocessing`, the
+an app (serve.runtime) can build its inputs the same way. Images go through `serve.bundle.preprocessing`, the
 torch-free steps that training itself uses.
 """
 

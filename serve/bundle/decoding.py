@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from compress.inputs import position_ids
+from serve.bundle.inputs import position_ids
 
 # Picks the next token of each row from that step's logits: [batch, vocab] float32 -> [batch] int64.
 ChooseToken = Callable[[np.ndarray], np.ndarray]
