@@ -27,11 +27,12 @@ from compress.errors import StageError
 from compress.launch import check_output_run, output_run_guard, run_recipe, temp_dir_near
 from compress.source import read_run
 from serve.bundle.folders import remove_temp, replace_folder
+from serve.bundle.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "distill"
-DEFAULT_CONFIGS = {"text-classification": "default.yaml", "image-classification": "mnist_resnet_to_cnn.yaml"}
+DEFAULT_CONFIGS = {Task.TEXT_CLASSIFICATION: "default.yaml", Task.IMAGE_CLASSIFICATION: "mnist_resnet_to_cnn.yaml"}
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, alpha: float,

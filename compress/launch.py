@@ -12,12 +12,13 @@ from pathlib import Path
 
 from compress.errors import StageError
 from serve.bundle.folders import FolderGuard, run_dir_guard
+from serve.bundle.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 # The recipe that trains each task's models.
-TASK_RECIPES = {"text-classification": "text_classification", "text-regression": "text_classification",
-                "image-classification": "image_classification", "causal-lm": "causal_lm"}
+TASK_RECIPES = {Task.TEXT_CLASSIFICATION: "text_classification", Task.TEXT_REGRESSION: "text_classification",
+                Task.IMAGE_CLASSIFICATION: "image_classification", Task.CAUSAL_LM: "causal_lm"}
 REPO = Path(__file__).resolve().parents[1]
 
 

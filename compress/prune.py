@@ -33,6 +33,7 @@ from compress.units import KINDS, find_units, update_config_
 from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
 from finetune.shapes import record_shapes_
 from serve.bundle.folders import RUN_PART, clear_folder, remove_temp, replace_folder, write_run_marker
+from serve.bundle.tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, config: PruneConfig, 
     out = Path(out_dir)
     check_output_run(out, overwrite=overwrite)
     source = read_run(run_dir)
-    if config.scope == "global" and config.heads and source.task == "causal-lm":
+    if config.scope == "global" and config.heads and source.task == Task.CAUSAL_LM:
         raise StageError("global head pruning gives decoder layers different KV-cache shapes, which bundles do not "
                          "support; use scope: layer for causal LMs")
     work = temp_dir_near(out, "prune")
@@ -180,7 +181,7 @@ def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, conf
             f"train.output_dir={(work / 'run').resolve()}", "train.overwrite=true", "checkpoint.resume_from=null",
             # epochs >= steps, so that max_steps ends the recovery
             f"train.max_steps={steps}", f"train.epochs={steps}"]
-    if source.task == "image-classification":
+    if source.task == Task.IMAGE_CLASSIFICATION:
         args.append(f"{model_key}.config={{}}")  # the architecture comes from the pruned model's own config
     run_recipe(recipe, [*args, *config.recovery_overrides], log=work / "recipe.log")
     clear_folder(pruned, RUN_PART)
@@ -200,7 +201,7 @@ def _write_run(model: torch.nn.Module, current: Run, data: RunData, out: Path) -
 
 
 def _has_data(run: Run) -> bool:
-    return run.task == "causal-lm" or isinstance((run.config or {}).get("data"), dict)
+    return run.task == Task.CAUSAL_LM or isinstance((run.config or {}).get("data"), dict)
 
 
 def _save_model_dir(model: torch.nn.Module, run: Run, path: Path, meta: dict[str, Any]) -> None:

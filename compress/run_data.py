@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from compress.errors import StageError
-from compress.source import TEXT_TASKS, Run, image_splits, load_samples, load_tokenizer, run_data_config, text_splits
+from compress.source import Run, image_splits, load_samples, load_tokenizer, run_data_config, text_splits
+from serve.bundle.tasks import TEXT_TASKS, Task
 
 LM_MAX_TOKENS = 128  # causal-LM sample texts are cut to this many tokens
 
@@ -26,7 +27,7 @@ class RunData:
     def loaders(self) -> tuple[Any, Any]:
         if self._loaders is None:
             task = self.run.task
-            build = _text_loaders if task in TEXT_TASKS else _image_loaders if task == "image-classification" \
+            build = _text_loaders if task in TEXT_TASKS else _image_loaders if task == Task.IMAGE_CLASSIFICATION \
                 else _lm_loaders
             self._loaders = build(self.run, self.batch_size)
         return self._loaders
@@ -44,7 +45,7 @@ class RunData:
         from finetune.evaluation import predict, score_classifier, score_regressor
 
         model.eval()
-        if self.run.task == "causal-lm":
+        if self.run.task == Task.CAUSAL_LM:
             losses, tokens = 0.0, 0
             for batch in self.loaders[1]:
                 count = int((batch["labels"][:, 1:] != -100).sum())
@@ -54,11 +55,11 @@ class RunData:
             return {"eval_loss": loss, "perplexity": float(torch.tensor(loss).exp()), "num_tokens": tokens,
                     "source": "sample texts (compress.source.load_samples)"}
         logits, labels = predict(Accelerator(cpu=not torch.accelerator.is_available()), model, self.loaders[1])
-        if self.run.task == "text-regression":
+        if self.run.task == Task.TEXT_REGRESSION:
             return score_regressor(logits, labels)
         names = self.run.meta["label_names"]
         return score_classifier(logits, labels, num_labels=len(names),
-                                label_names=names if self.run.task == "image-classification" else None)
+                                label_names=names if self.run.task == Task.IMAGE_CLASSIFICATION else None)
 
 
 def _text_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
@@ -71,7 +72,7 @@ def _text_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
         raise StageError(f"{run.run_dir} has no config.yaml with its data settings; pass a run directory written by "
                          "a recipe, or use importance: magnitude without recovery")
     cfg, seed = found
-    regression = run.task == "text-regression"
+    regression = run.task == Task.TEXT_REGRESSION
     if not regression:
         cfg.label_names = run.meta["label_names"]  # the ids the model was trained with
     tokenizer = load_tokenizer(run)

@@ -13,10 +13,10 @@ from finetune.config import config_from_dict, yaml_load
 from finetune.rundir import MODEL_DIR, TASK_FILE
 from serve.bundle.errors import TuneforgeError
 from serve.bundle.manifest import TASKS
+from serve.bundle.tasks import TEXT_TASKS, Task
 
 logger = logging.getLogger(__name__)
 
-TEXT_TASKS = ("text-classification", "text-regression")
 # Parity inputs when a run has no readable eval split: varied lengths, plain English.
 BUILTIN_TEXTS = [
     "It works.",
@@ -93,11 +93,11 @@ def load_model(run: Run, *, attn_implementation: str | None = "eager") -> Any:
     from finetune.shapes import from_pretrained
 
     kwargs: dict[str, Any] = {"use_safetensors": True}
-    if run.task == "image-classification":
+    if run.task == Task.IMAGE_CLASSIFICATION:
         loader = transformers.AutoModelForImageClassification
         import finetune.vision_models  # noqa: F401 - registers tuneforge's CNN and MLP with the Auto classes
     else:
-        loader = (transformers.AutoModelForCausalLM if run.task == "causal-lm"
+        loader = (transformers.AutoModelForCausalLM if run.task == Task.CAUSAL_LM
                   else transformers.AutoModelForSequenceClassification)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
@@ -122,13 +122,13 @@ def load_tokenizer(run: Run) -> Any:
 def load_samples(run: Run, *, limit: int, given: list[Any] | None = None) -> Samples:
     """Up to `limit` parity inputs: `given` ones, else the run's eval split, else built-in texts / synthetic images."""
     if given:
-        if run.task == "image-classification":
+        if run.task == Task.IMAGE_CLASSIFICATION:
             images = [_open_image(g) for g in given[:limit]]
             return Samples(source=f"given ({len(images)} images)", images=images)
         texts = [g if isinstance(g, str) else g[0] for g in given[:limit]]
         pairs = [g[1] for g in given[:limit]] if not isinstance(given[0], str) else None
         return Samples(source=f"given ({len(texts)} texts)", texts=texts, pairs=pairs)
-    image = run.task == "image-classification"
+    image = run.task == Task.IMAGE_CLASSIFICATION
     try:
         samples = _eval_split_images(run, limit) if image else _eval_split_texts(run, limit)
     except (TuneforgeError, OSError, KeyError, TypeError) as err:
@@ -170,7 +170,7 @@ def image_splits(run: Run) -> dict[str, Any] | None:
     """The run's image splits ({"train", "eval"}: ImageSets of loaded uint8 images with label ids, as the recipe
     loaded them), loaded once; None when the run recorded no image data config."""
     data = (run.config or {}).get("data")
-    if run.task != "image-classification" or not isinstance(data, dict) or "train" not in data:
+    if run.task != Task.IMAGE_CLASSIFICATION or not isinstance(data, dict) or "train" not in data:
         return None
     if "image_splits" not in run.cache:
         from finetune.image_data import ImageDataConfig, load_image_splits

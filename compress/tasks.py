@@ -29,12 +29,13 @@ from compress.export import (
     forward_input_names,
 )
 from compress.parity import Case, ParityConfig, open_session
-from compress.source import TEXT_TASKS, Run, Samples, image_splits, load_tokenizer, run_data_config, text_splits
+from compress.source import Run, Samples, image_splits, load_tokenizer, run_data_config, text_splits
 from compress.units import attention_shape
 from serve.bundle.decoding import empty_past
 from serve.bundle.inputs import encode_texts, position_ids
 from serve.bundle.manifest import TOKENIZER_FILE
 from serve.bundle.preprocessing import PreprocessingSpec, normalize, preprocess_batch, to_model_pixels_batch
+from serve.bundle.tasks import TEXT_TASKS, Task
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def prepare_task(run: Run, model: Any, stage: Path, samples: Samples, parity: Pa
     """Write the task's assets into `stage` and build its parity cases."""
     if run.task in TEXT_TASKS:
         return TextClassifierExport(run, model, stage, samples, parity)
-    if run.task == "causal-lm":
+    if run.task == Task.CAUSAL_LM:
         return CausalLMExport(run, model, stage, samples, parity)
     return ImageClassifierExport(run, model, stage, samples, parity)
 
@@ -144,7 +145,7 @@ class TextClassifierExport(TaskExport):
         _check_tokenization(hf, self.tokenizer, samples.texts, samples.pairs, max_length=max_length,
                             padding_side=hf.padding_side)
         self.sections = {
-            "labels": run.meta.get("label_names") if run.task == "text-classification" else None,
+            "labels": run.meta.get("label_names") if run.task == Task.TEXT_CLASSIFICATION else None,
             "text": {"max_length": max_length, "text_column": run.meta.get("text_column"),
                      "text_pair_column": run.meta.get("text_pair_column")},
             "tokenizer": tokenizer_section(hf, max_length=max_length, padding_side=hf.padding_side),
@@ -167,7 +168,7 @@ class TextClassifierExport(TaskExport):
 
     @property
     def primary_metric(self) -> tuple[str, bool]:
-        return ("mae", False) if self.run.task == "text-regression" else ("accuracy", True)
+        return ("mae", False) if self.run.task == Task.TEXT_REGRESSION else ("accuracy", True)
 
     def _split(self, name: str) -> tuple[list[str], list[str] | None, np.ndarray] | None:
         """Texts, pairs and label ids (or values) of one split, labelled as the recipe did."""
@@ -178,7 +179,7 @@ class TextClassifierExport(TaskExport):
             return None
         cfg, _ = found
         if self._labelled is None:
-            regression = self.run.task == "text-regression"
+            regression = self.run.task == Task.TEXT_REGRESSION
             names = self.run.meta.get("label_names")
             self._labelled, _ = encode_labels(splits, cfg, regression=regression,
                                               num_labels=None if regression else len(names))
@@ -228,7 +229,7 @@ class TextClassifierExport(TaskExport):
         from finetune.evaluation import score_classifier, score_regressor
 
         logits = np.concatenate(outputs)
-        if self.run.task == "text-regression":
+        if self.run.task == Task.TEXT_REGRESSION:
             return score_regressor(logits, data.labels)
         return score_classifier(logits, data.labels, num_labels=len(self.run.meta["label_names"]))
 

@@ -39,6 +39,7 @@ from finetune.models import ModelConfig, build_causal_lm, build_tokenizer
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
+from serve.bundle.tasks import Task
 
 
 @dataclass
@@ -87,7 +88,7 @@ def main(cfg: Config) -> dict[str, Any]:
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
     accelerator.print(f"parameters: {parameters['trainable']:,} trainable of {parameters['total']:,}; "
                       f"{len(tokenized['train'])} train / {len(tokenized['eval'])} eval examples")
-    task = {"task": "causal-lm", "base_model": cfg.model.name_or_path, "block_size": cfg.data.block_size,
+    task = {"task": Task.CAUSAL_LM, "base_model": cfg.model.name_or_path, "block_size": cfg.data.block_size,
             "data_format": cfg.data.format, "chat_template": cfg.data.format == "instruction",
             "system_prompt": cfg.data.system_prompt, "generation": cfg.generation.settings(),
             "lora": config_to_dict(cfg.lora) if cfg.lora.enabled else None, "parameters": parameters}

@@ -37,6 +37,7 @@ from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.shapes import record_shapes_
 from finetune.tracking import flat_hparams
+from serve.bundle.tasks import Task
 
 
 @dataclass
@@ -73,8 +74,8 @@ class Config:
 def main(cfg: Config) -> dict[str, Any]:
     # 1. The teacher run; its data settings with this config's changes (resolved, so config.yaml says what was used).
     teacher_run = read_run(cfg.teacher)
-    image = teacher_run.task == "image-classification"
-    if teacher_run.task not in ("text-classification", "image-classification") or teacher_run.config is None:
+    image = teacher_run.task == Task.IMAGE_CLASSIFICATION
+    if teacher_run.task not in (Task.TEXT_CLASSIFICATION, Task.IMAGE_CLASSIFICATION) or teacher_run.config is None:
         raise ConfigError(f"teacher {cfg.teacher} must be a text- or image-classification run written by a recipe")
     cfg.data = {**teacher_run.config["data"], **cfg.data, "label_names": teacher_run.meta["label_names"]}
     if image:
@@ -244,7 +245,7 @@ def build_student(cfg: Config, teacher: torch.nn.Module, teacher_run: Any) -> to
     names, name = teacher_run.meta["label_names"], cfg.student.name_or_path
     if name is None:
         student = layer_subset_student(teacher, student_layers(cfg, teacher))
-    elif teacher_run.task == "image-classification":
+    elif teacher_run.task == Task.IMAGE_CLASSIFICATION:
         spec = PreprocessingSpec.from_dict(teacher_run.meta["preprocessing"])
         student = build_image_classifier(ImageModelConfig(name_or_path=name, config=cfg.student.config),
                                          label_names=names, num_channels=spec.num_channels, image_size=spec.size)
@@ -254,7 +255,7 @@ def build_student(cfg: Config, teacher: torch.nn.Module, teacher_run: Any) -> to
                               "teacher's vocabulary (or leave student.name_or_path empty to use teacher layers)")
         student = build_sequence_classifier(ModelConfig(name_or_path=name), label_names=names,
                                             problem_type="single_label_classification")
-    if hasattr(student, "set_attn_implementation") and name is None and teacher_run.task != "image-classification":
+    if hasattr(student, "set_attn_implementation") and name is None and teacher_run.task != Task.IMAGE_CLASSIFICATION:
         student.set_attn_implementation("sdpa")  # teacher copies come eager (the export form); sdpa trains faster
     record_shapes_(student)  # a pruned teacher's shapes, if any, in the student's config.json
     return student.requires_grad_(True).train()

@@ -41,6 +41,7 @@ from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.plots import plot_misclassified
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
+from serve.bundle.tasks import Task
 
 
 @dataclass
@@ -87,7 +88,7 @@ def main(cfg: Config) -> dict[str, Any]:
         checkpoints.load(resume)
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
     unwrapped = accelerator.unwrap_model(model)
-    task = {"task": "image-classification", "label_names": label_names, "preprocessing": spec.to_dict(),
+    task = {"task": Task.IMAGE_CLASSIFICATION, "label_names": label_names, "preprocessing": spec.to_dict(),
             "base_model": cfg.model.name_or_path, "architecture": type(unwrapped).__name__,
             "num_parameters": sum(p.numel() for p in unwrapped.parameters())}
 

@@ -32,6 +32,7 @@ from finetune.models import ModelConfig, build_sequence_classifier, build_tokeni
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
+from serve.bundle.tasks import Task
 
 
 @dataclass
@@ -80,7 +81,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if resume:
         checkpoints.load(resume)
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
-    task = {"task": "text-regression" if regression else "text-classification", "label_names": label_names,
+    task = {"task": Task.TEXT_REGRESSION if regression else Task.TEXT_CLASSIFICATION, "label_names": label_names,
             "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
             "text_pair_column": cfg.data.text_pair_column, "base_model": cfg.model.name_or_path}
 

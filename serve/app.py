@@ -27,6 +27,7 @@ import numpy as np
 
 from serve.batching import BatchingConfig
 from serve.bundle.errors import TuneforgeError, exit_on_user_error
+from serve.bundle.tasks import Task
 from serve.errors import ServeError
 from serve.generation import Detokenizer
 from serve.sources import DemoModel, Source, demo_models, image_examples, open_source, report_markdown, text_examples
@@ -39,8 +40,8 @@ logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 20_000
 MAX_IMAGE_PIXELS = 40_000_000  # refuse larger uploads before decoding them (a decompression bomb guard)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-TAB_TITLES = {"text-classification": "Text classification", "text-regression": "Text regression",
-              "image-classification": "Image classification", "causal-lm": "Text generation"}
+TAB_TITLES = {Task.TEXT_CLASSIFICATION: "Text classification", Task.TEXT_REGRESSION: "Text regression",
+              Task.IMAGE_CLASSIFICATION: "Image classification", Task.CAUSAL_LM: "Text generation"}
 TABLE_HEADERS = ["variant", "prediction", "score", "latency (ms)"]
 TRADEOFF_PLOT = "tradeoff.png"  # written next to report.md by compress's report
 
@@ -70,9 +71,9 @@ def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = 
         with gr.Tabs():
             for task, group in models.items():
                 with gr.Tab(TAB_TITLES.get(task, task)):
-                    if task == "causal-lm":
+                    if task == Task.CAUSAL_LM:
                         _generation_tab(gr, group, limits)
-                    elif task == "image-classification":
+                    elif task == Task.IMAGE_CLASSIFICATION:
                         _image_tab(gr, group, limits)
                     else:
                         _text_tab(gr, group, limits)

@@ -19,6 +19,7 @@ from PIL import Image
 from serve.batching import BatchingConfig, MicroBatcher
 from serve.bundle.inputs import encodings_to_arrays
 from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
+from serve.bundle.tasks import Task
 from serve.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class TextClassifier:
     """
 
     def __init__(self, tokenizer: Any, forward: Forward, *, input_names: Sequence[str], labels: Sequence[str] | None,
-                 task: str = "text-classification", max_length: int | None = None, pair_column: str | None = None,
+                 task: str = Task.TEXT_CLASSIFICATION, max_length: int | None = None, pair_column: str | None = None,
                  batching: BatchingConfig | None = None, name: str = "text classifier"):
         self.tokenizer, self.forward, self.name = tokenizer, forward, name
         self.input_names, self.labels, self.task = list(input_names), list(labels or []), task
@@ -95,7 +96,7 @@ class TextClassifier:
             return []
         results = self.batcher(rows) if self.batcher else self._run_items(rows)
         logits = np.stack([r[0] for r in results])
-        return to_predictions(logits, self.labels, regression=self.task == "text-regression",
+        return to_predictions(logits, self.labels, regression=self.task == Task.TEXT_REGRESSION,
                               truncated=[r[1] for r in results])
 
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> np.ndarray:

@@ -16,10 +16,9 @@ import numpy as np
 from serve.batching import BatchingConfig
 from serve.bundle.decoding import Step
 from serve.bundle.preprocessing import PreprocessingSpec
+from serve.bundle.tasks import TEXT_TASKS, Task
 from serve.generation import GenerationSettings, TextGenerator
 from serve.predictors import Forward, ImageClassifier, TextClassifier
-
-TEXT_TASKS = ("text-classification", "text-regression")
 
 
 def load_run(run_dir: str | Path, *, threads: int | None = None,
@@ -39,7 +38,7 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
     run = read_run(run_dir)
     model = load_model(run)
     meta, name = run.meta, f"{run.run_dir.name}/pytorch"
-    if run.task == "image-classification":
+    if run.task == Task.IMAGE_CLASSIFICATION:
         return ImageClassifier(PreprocessingSpec.from_dict(meta["preprocessing"]), _forward(model),
                                labels=meta.get("label_names"), batching=batching, name=name)
     hf = load_tokenizer(run)

@@ -20,6 +20,7 @@ from serve.batching import BatchingConfig
 from serve.bundle.decoding import onnx_step
 from serve.bundle.manifest import BundleError, Manifest, read_manifest, verify_files
 from serve.bundle.preprocessing import PreprocessingSpec
+from serve.bundle.tasks import TEXT_TASKS, Task
 from serve.errors import ServeError
 from serve.generation import GenerationSettings, TextGenerator
 from serve.predictors import ImageClassifier, Prediction, TextClassifier
@@ -30,7 +31,6 @@ __all__ = ["BatchingConfig", "GenerationSettings", "ImageClassifier", "Predictio
 logger = logging.getLogger(__name__)
 
 Predictor = TextClassifier | ImageClassifier | TextGenerator
-TEXT_TASKS = ("text-classification", "text-regression")
 
 
 def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | None = None,
@@ -47,11 +47,11 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
     name = variant or manifest.default_variant
     data = manifest.data
     if verify:
-        graph = "decoder" if manifest.task == "causal-lm" else "model"
+        graph = "decoder" if manifest.task == Task.CAUSAL_LM else "model"
         used = [manifest.graph_path(name, graph).relative_to(manifest.path).as_posix(), manifest.tokenizer_file]
         verify_files(manifest, [f for f in used if f is not None])
     label = f"{manifest.path.name}/{name}"
-    if manifest.task == "causal-lm":
+    if manifest.task == Task.CAUSAL_LM:
         if batching is not None:
             raise ServeError("micro-batching applies to classifiers; a text generator streams one prompt per call")
         return load_generator(manifest, name, threads=threads)

@@ -15,6 +15,7 @@ from typing import Any
 
 from serve.batching import BatchingConfig
 from serve.bundle.manifest import MANIFEST, Manifest, read_manifest
+from serve.bundle.tasks import Task
 from serve.errors import ServeError
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class DemoModel:
         """The shared predictor (thread-safe; loaded once)."""
         with self._lock:
             if self._predictor is None:
-                batching = self.batching if self.task != "causal-lm" else None
+                batching = self.batching if self.task != Task.CAUSAL_LM else None
                 if self.source.manifest is None:
                     from serve.pytorch import load_run
 
@@ -107,9 +108,9 @@ class DemoModel:
         """Load and run once, so the first user's latency is not the one-time set-up (allocations, PyTorch's first
         call) and variants compare fairly."""
         predictor = self.predictor()
-        if self.task == "causal-lm":
+        if self.task == Task.CAUSAL_LM:
             list(predictor.tokens("Hello", max_new_tokens=1, do_sample=False))
-        elif self.task == "image-classification":
+        elif self.task == Task.IMAGE_CLASSIFICATION:
             from PIL import Image
 
             predictor.predict([Image.new(predictor.spec.color_mode, predictor.spec.size[::-1])])

@@ -113,7 +113,7 @@ from typing import Any
 
 from serve.bundle.errors import BundleError
 from serve.bundle.folders import replace_file
-from serve.bundle.tasks import TASKS
+from serve.bundle.tasks import TASKS, Task
 
 FORMAT = "tuneforge-bundle"
 FORMAT_VERSION = 1
@@ -146,7 +146,7 @@ class Manifest:
     @property
     def tokenizer_file(self) -> str | None:
         """The tokenizer's path inside the bundle (text tasks and causal LMs); None for image classifiers."""
-        if self.task == "image-classification":
+        if self.task == Task.IMAGE_CLASSIFICATION:
             return None
         section = self.data.get("tokenizer")
         return str((section if isinstance(section, dict) else {}).get("file", TOKENIZER_FILE))
