@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,14 +30,15 @@ from compress.source import Run, load_model, read_run
 from compress.sparsity import prune_magnitude_
 from compress.structured import gradient_scores, magnitude_scores, prune_units_
 from compress.units import KINDS, find_units, update_config_
-from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
+from finetune.rundir import MODEL_DIR, write_json
 from finetune.shapes import record_shapes_
 from serve.bundle.folders import RUN_PART, clear_folder, remove_temp, replace_folder, write_run_marker
+from serve.bundle.records import RUN_RECORD, RunRecord, write_run_record
 from serve.bundle.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", TASK_FILE)
+WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", RUN_RECORD)
 
 
 @dataclass
@@ -97,8 +98,8 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
     model = load_model(source)
     data = RunData(source, batch_size=config.batch_size)  # the same splits in every round (recovery keeps them)
     before, units_before = _count_parameters(model), _unit_counts(model)
-    record: dict[str, Any] = {**asdict(config), "source_run": source.run_dir.name,
-                              "source_eval": source.meta.get("eval"), "parameters_before": before}
+    pruning: dict[str, Any] = {**asdict(config), "source_run": source.run_dir.name,
+                               "source_eval": source.record.eval, "parameters_before": before}
     kept: dict[str, list[int]] = {}  # unit group -> kept units by their index in the source model
     current, recovered = source, False
     for round_ in range(1, config.rounds + 1):
@@ -106,8 +107,8 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
             model = load_model(current)
         share = round_ / config.rounds  # of the full target, reached by the end of this round
         if config.method == "unstructured":
-            record["sparsity_measured"] = prune_magnitude_(model, config.sparsity * share,
-                                                           include_embeddings=config.include_embeddings)
+            pruning["sparsity_measured"] = prune_magnitude_(model, config.sparsity * share,
+                                                            include_embeddings=config.include_embeddings)
         else:
             _prune_structured(model, data, config, round_, kept)
         if not config.recovery_steps:
@@ -118,23 +119,22 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
         # The recipes' optimizers do not keep masks: recovery regrows some zeros; prune the recovered weights again
         # (so the result is evaluated here, not by the recipe).
         model = load_model(current)
-        record["sparsity_measured"] = prune_magnitude_(model, config.sparsity,
-                                                       include_embeddings=config.include_embeddings)
+        pruning["sparsity_measured"] = prune_magnitude_(model, config.sparsity,
+                                                        include_embeddings=config.include_embeddings)
     if config.method == "structured":
         after = _unit_counts(model)
-        record["units"] = {k: {"before": n, "after": after[k]} for k, n in units_before.items()}
-        record["kept"] = kept
-    record["parameters_after"] = _count_parameters(model)
+        pruning["units"] = {k: {"before": n, "after": after[k]} for k, n in units_before.items()}
+        pruning["kept"] = kept
+    pruning["parameters_after"] = _count_parameters(model)
     if recovered and config.method == "structured":  # the recipe's run is the result: model/, metrics.json, ...
         final = current.run_dir
-        meta = current.meta
+        record = current.record
     else:
         final = work / "result"
-        meta = _write_run(model, current, data, final)
-    meta = {**meta, "base_model": source.meta.get("base_model"), "pruning": record}
-    write_json(final / MODEL_DIR / TASK_FILE, meta)
+        record = _write_run(model, current, data, final)
+    write_run_record(final / MODEL_DIR, replace(record, base_model=source.record.base_model, pruning=pruning))
     metrics = json.loads((final / "metrics.json").read_text())
-    write_json(final / "metrics.json", {**metrics, "pruning": record})
+    write_json(final / "metrics.json", {**metrics, "pruning": pruning})
     return final
 
 
@@ -168,7 +168,7 @@ def _prune_structured(model: torch.nn.Module, data: RunData, config: PruneConfig
 def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, config: PruneConfig) -> Run:
     """Fine-tune the pruned model with the task's recipe, on the source run's data and settings."""
     pruned = work / "pruned"
-    _save_model_dir(model, current, pruned / MODEL_DIR, current.meta)
+    _save_model_dir(model, current, pruned / MODEL_DIR, current.record)
     config_file = source.run_dir / "config.yaml"
     if not config_file.is_file():
         raise StageError(f"{source.run_dir} has no config.yaml: recovery reruns its recipe with its settings; "
@@ -188,30 +188,30 @@ def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, conf
     return read_run(work / "run")
 
 
-def _write_run(model: torch.nn.Module, current: Run, data: RunData, out: Path) -> dict[str, Any]:
+def _write_run(model: torch.nn.Module, current: Run, data: RunData, out: Path) -> RunRecord:
     """A run directory for a model that was not trained after pruning: model/, metrics.json, config.yaml."""
     metrics = data.evaluate(model) if _has_data(current) else {}
-    meta = {**current.meta, "eval": metrics}
-    _save_model_dir(model, current, out / MODEL_DIR, meta)
+    record = replace(current.record, eval=metrics)
+    _save_model_dir(model, current, out / MODEL_DIR, record)
     write_run_marker(out)
     write_json(out / "metrics.json", {"eval": metrics})
     if (current.run_dir / "config.yaml").is_file():
         shutil.copy(current.run_dir / "config.yaml", out / "config.yaml")
-    return meta
+    return record
 
 
 def _has_data(run: Run) -> bool:
     return run.task == Task.CAUSAL_LM or isinstance((run.config or {}).get("data"), dict)
 
 
-def _save_model_dir(model: torch.nn.Module, run: Run, path: Path, meta: dict[str, Any]) -> None:
+def _save_model_dir(model: torch.nn.Module, run: Run, path: Path, record: RunRecord) -> None:
     """save_pretrained (safetensors) + the source model folder's tokenizer / processor files + tuneforge.json."""
     path.mkdir(parents=True)
     model.save_pretrained(path, safe_serialization=True)
     for item in run.model_dir.iterdir():
         if item.is_file() and item.name not in WEIGHT_FILES and not item.name.startswith("model-"):
             shutil.copy(item, path / item.name)
-    write_json(path / TASK_FILE, meta)
+    write_run_record(path, record)
 
 
 def _unit_counts(model: torch.nn.Module) -> dict[str, int]:

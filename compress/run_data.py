@@ -57,7 +57,7 @@ class RunData:
         logits, labels = predict(Accelerator(cpu=not torch.accelerator.is_available()), model, self.loaders[1])
         if self.run.task == Task.TEXT_REGRESSION:
             return score_regressor(logits, labels)
-        names = self.run.meta["label_names"]
+        names = self.run.record.label_names
         return score_classifier(logits, labels, num_labels=len(names),
                                 label_names=names if self.run.task == Task.IMAGE_CLASSIFICATION else None)
 
@@ -74,7 +74,7 @@ def _text_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
     cfg, seed = found
     regression = run.task == Task.TEXT_REGRESSION
     if not regression:
-        cfg.label_names = run.meta["label_names"]  # the ids the model was trained with
+        cfg.label_names = run.record.label_names  # the ids the model was trained with
     tokenizer = load_tokenizer(run)
     labelled, _ = encode_labels(splits, cfg, regression=regression,
                                 num_labels=None if regression else len(cfg.label_names))
@@ -90,7 +90,7 @@ def _image_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
     if loaded is None:
         raise StageError(f"{run.run_dir} has no config.yaml with its data settings; pass a run directory written by "
                          "the image recipe, or use importance: magnitude without recovery")
-    spec = PreprocessingSpec.from_dict(run.meta["preprocessing"])
+    spec = PreprocessingSpec.from_dict(run.record.preprocessing)
     return build_image_dataloaders(prepare_images(loaded, spec), spec, batch_size=batch_size,
                                    eval_batch_size=max(batch_size, 256), seed=run.seed, num_processes=1)
 

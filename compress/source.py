@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +9,9 @@ from typing import Any
 
 from compress.errors import ExportError
 from finetune.config import config_from_dict, yaml_load
-from finetune.rundir import MODEL_DIR, TASK_FILE
-from serve.bundle.errors import TuneforgeError
-from serve.bundle.manifest import TASKS
+from finetune.rundir import MODEL_DIR
+from serve.bundle.errors import BundleError, TuneforgeError
+from serve.bundle.records import RUN_RECORD, RunRecord, read_run_record
 from serve.bundle.tasks import TEXT_TASKS, Task
 
 logger = logging.getLogger(__name__)
@@ -36,13 +35,13 @@ class Run:
 
     run_dir: Path
     model_dir: Path
-    meta: dict[str, Any]  # model/tuneforge.json
+    record: RunRecord  # model/tuneforge.json
     config: dict[str, Any] | None  # the resolved recipe config (config.yaml), when present
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # data splits, loaded once per run
 
     @property
-    def task(self) -> str:
-        return self.meta["task"]
+    def task(self) -> Task:
+        return self.record.task
 
     @property
     def seed(self) -> int:
@@ -67,21 +66,21 @@ def read_run(path: str | Path, *, data_overrides: dict[str, Any] | None = None) 
     path = Path(path)
     if not path.exists():
         raise ExportError(f"run directory {path} does not exist; pass the train.output_dir of a finished run")
-    model_dir = path if (path / TASK_FILE).is_file() else path / MODEL_DIR
-    if not (model_dir / TASK_FILE).is_file():
-        raise ExportError(f"{path} holds no {MODEL_DIR}/{TASK_FILE}; pass the run directory of a finished recipe run "
-                          "(its model/ folder is written at the first evaluation)")
-    meta = json.loads((model_dir / TASK_FILE).read_text())
-    if meta.get("task") not in TASKS:
-        raise ExportError(f"{model_dir / TASK_FILE} names task {meta.get('task')!r}; compress exports "
-                          f"{', '.join(TASKS)}")
+    model_dir = path if (path / RUN_RECORD).is_file() else path / MODEL_DIR
+    if not (model_dir / RUN_RECORD).is_file():
+        raise ExportError(f"{path} holds no {MODEL_DIR}/{RUN_RECORD}; pass the run directory of a finished recipe "
+                          "run (its model/ folder is written at the first evaluation)")
+    try:
+        record = read_run_record(model_dir)
+    except BundleError as err:
+        raise ExportError(str(err)) from None
     run_dir = model_dir.parent if model_dir.name == MODEL_DIR else model_dir
     config_file = run_dir / "config.yaml"
     config = yaml_load(config_file.read_text(), source=str(config_file)) if config_file.is_file() else None
     if data_overrides:
         config = dict(config or {})
         config["data"] = {**(config.get("data") or {}), **data_overrides}
-    return Run(run_dir=run_dir, model_dir=model_dir, meta=meta, config=config)
+    return Run(run_dir=run_dir, model_dir=model_dir, record=record, config=config)
 
 
 def load_model(run: Run, *, attn_implementation: str | None = "eager") -> Any:
@@ -178,7 +177,7 @@ def image_splits(run: Run) -> dict[str, Any] | None:
         fields = set(ImageDataConfig.__dataclass_fields__)
         cfg = config_from_dict(ImageDataConfig, {k: v for k, v in data.items() if k in fields}, prefix="data.")
         splits, names = load_image_splits(cfg, seed=run.seed)
-        recorded = run.meta.get("label_names")
+        recorded = run.record.label_names
         if recorded and list(names) != list(recorded):
             raise ExportError(f"the run's data gives labels {names}, its model was trained with {recorded}; "
                               "fix data.label_names (or the data overrides)")
@@ -215,7 +214,7 @@ def _synthetic_images(run: Run, limit: int) -> Samples:
     import numpy as np
     from PIL import Image
 
-    spec = run.meta["preprocessing"]
+    spec = run.record.preprocessing
     height, width = spec["size"]
     rng = np.random.default_rng(0)
     mode = spec.get("color_mode", "RGB")

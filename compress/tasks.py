@@ -76,9 +76,9 @@ class TaskExport:
         heads, width = shape or (0, 0)
         self.fusion_args = {"model_type": getattr(config, "model_type", None), "num_heads": heads,
                             "hidden_size": width}
-        meta = run.meta
-        self.source_run = {"name": run.run_dir.name, "base_model": meta.get("base_model"),
-                           "step": meta.get("step"), "eval": meta.get("eval")}
+        record = run.record
+        self.source_run = {"name": run.run_dir.name, "base_model": record.base_model, "step": record.step,
+                           "eval": record.eval}
         self._eval: EvalData | None = None
 
     # What a task provides; subclasses override.
@@ -139,15 +139,15 @@ class TextClassifierExport(TaskExport):
     def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
         super().__init__(run, model, samples, parity)
         hf = load_tokenizer(run)
-        max_length = int(run.meta.get("max_length") or hf.model_max_length)
+        max_length = int(run.record.max_length or hf.model_max_length)
         self.tokenizer = write_tokenizer(hf, stage, padding_side=hf.padding_side, max_length=max_length)
         self.input_names = forward_input_names(model, TEXT_INPUTS, tokenizer_inputs=hf.model_input_names)
         _check_tokenization(hf, self.tokenizer, samples.texts, samples.pairs, max_length=max_length,
                             padding_side=hf.padding_side)
         self.sections = {
-            "labels": run.meta.get("label_names") if run.task == Task.TEXT_CLASSIFICATION else None,
-            "text": {"max_length": max_length, "text_column": run.meta.get("text_column"),
-                     "text_pair_column": run.meta.get("text_pair_column")},
+            "labels": run.record.label_names if run.task == Task.TEXT_CLASSIFICATION else None,
+            "text": {"max_length": max_length, "text_column": run.record.text_column,
+                     "text_pair_column": run.record.text_pair_column},
             "tokenizer": tokenizer_section(hf, max_length=max_length, padding_side=hf.padding_side),
         }
         texts, pairs = samples.texts, samples.pairs
@@ -180,7 +180,7 @@ class TextClassifierExport(TaskExport):
         cfg, _ = found
         if self._labelled is None:
             regression = self.run.task == Task.TEXT_REGRESSION
-            names = self.run.meta.get("label_names")
+            names = self.run.record.label_names
             self._labelled, _ = encode_labels(splits, cfg, regression=regression,
                                               num_labels=None if regression else len(names))
         rows = self._labelled[name]
@@ -231,7 +231,7 @@ class TextClassifierExport(TaskExport):
         logits = np.concatenate(outputs)
         if self.run.task == Task.TEXT_REGRESSION:
             return score_regressor(logits, data.labels)
-        return score_classifier(logits, data.labels, num_labels=len(self.run.meta["label_names"]))
+        return score_classifier(logits, data.labels, num_labels=len(self.run.record.label_names))
 
 
 class CausalLMExport(TaskExport):
@@ -251,12 +251,12 @@ class CausalLMExport(TaskExport):
         if not texts:
             raise ExportError(f"no parity prompt of 2+ tokens among the samples ({samples.source}); give samples")
         _check_tokenization(hf, self.tokenizer, texts, None, max_length=None, padding_side="left", pad_token_id=pad)
-        block_size = run.meta.get("block_size")
+        block_size = run.record.block_size
         self.sections = {
             "labels": None,
             "text": {"max_length": block_size, "text_column": None, "text_pair_column": None},
             "tokenizer": tokenizer_section(hf, max_length=None, padding_side="left", pad_token_id=pad),
-            "generation": {**(run.meta.get("generation") or {}), **self.generation_ids,
+            "generation": {**(run.record.generation or {}), **self.generation_ids,
                            "max_positions": getattr(model.config, "max_position_embeddings", None)},
             "chat_template": getattr(hf, "chat_template", None),
             "cache": self.cache,
@@ -362,10 +362,10 @@ class ImageClassifierExport(TaskExport):
     def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
         super().__init__(run, model, samples, parity)
         self.fusion_args["model_type"] = None  # no transformer fusions for CNNs; ORT's own (Conv+BN, Conv+Relu) apply
-        spec = run.meta.get("preprocessing")
+        spec = run.record.preprocessing
         if not spec:
             raise ExportError(f"{run.model_dir}/tuneforge.json has no 'preprocessing'; image bundles need the spec")
-        self.sections = {"labels": run.meta.get("label_names"), "preprocessing": spec}
+        self.sections = {"labels": run.record.label_names, "preprocessing": spec}
         self.spec = PreprocessingSpec.from_dict(spec)
         self.input_names = ["pixel_values"]
         pixels = preprocess_batch(samples.images, self.spec)
@@ -420,7 +420,7 @@ class ImageClassifierExport(TaskExport):
     def score(self, outputs: list[Any], data: EvalData) -> dict[str, Any]:
         from finetune.evaluation import score_classifier
 
-        return score_classifier(np.concatenate(outputs), data.labels, num_labels=len(self.run.meta["label_names"]))
+        return score_classifier(np.concatenate(outputs), data.labels, num_labels=len(self.run.record.label_names))
 
 
 def length_cases(encode: Any, lengths: list[int], batch_sizes: tuple[int, ...]) -> list[Case]:

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 from finetune.config import check_bounds
 from finetune.errors import CheckpointError, ConfigError
-from finetune.rundir import MODEL_DIR, TASK_FILE, write_json
+from finetune.rundir import MODEL_DIR, write_json
 from serve.bundle.folders import RUN_PART, clear_folder, move_into_place, remove_temp, replace_folder
+from serve.bundle.records import RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def resume_state(run_dir: str | Path, checkpoint: str | Path | None) -> TrainSta
     if checkpoint is None:
         return TrainState()
     state = read_train_state(checkpoint)
-    if not (Path(run_dir) / MODEL_DIR / TASK_FILE).is_file():
+    if not (Path(run_dir) / MODEL_DIR / RUN_RECORD).is_file():
         state.best_metric = state.best_step = None
     return state
 

@@ -6,7 +6,6 @@ reader sees it; these pieces keep the bookkeeping the same in all of them.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -33,8 +32,9 @@ from finetune.checkpoint import (
 from finetune.config import check_bounds, save_config
 from finetune.errors import ConfigError
 from finetune.plots import plot_confusion_matrix, plot_curves
-from finetune.rundir import MODEL_DIR, TASK_FILE, check_run_dir, open_run_dir, write_json
+from finetune.rundir import MODEL_DIR, check_run_dir, open_run_dir, write_json
 from finetune.tracking import build_trackers, log_to_file, read_metrics_log, setup_logging
+from serve.bundle.records import read_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +245,10 @@ def write_results(accelerator: Accelerator, run_dir: Path, state: TrainState, la
                   clock: StepClock, *, curve_metric: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """metrics.json (the saved model's eval metrics first, then `extra`), curves.png, and confusion_matrix.png for
     classifiers."""
-    saved = json.loads((run_dir / MODEL_DIR / TASK_FILE).read_text())
+    saved = read_run_record(run_dir / MODEL_DIR)
     results = {
-        "eval": saved["eval"],
-        "model_step": saved["step"],
+        "eval": saved.eval,
+        "model_step": saved.step,
         "last_eval": last_eval,
         "train": {"steps": state.global_step, "epochs_completed": state.epoch, "samples": state.samples_seen,
                   "seconds_this_session": round(clock.train_seconds, 3),
@@ -258,9 +258,9 @@ def write_results(accelerator: Accelerator, run_dir: Path, state: TrainState, la
     if accelerator.is_main_process:
         write_json(run_dir / "metrics.json", results)
         plot_curves(read_metrics_log(run_dir), curve_metric, run_dir / "curves.png")
-        if "confusion_matrix" in saved["eval"]:
-            plot_confusion_matrix(saved["eval"]["confusion_matrix"], saved["label_names"],
+        if "confusion_matrix" in saved.eval:
+            plot_confusion_matrix(saved.eval["confusion_matrix"], saved.label_names,
                                   run_dir / "confusion_matrix.png")
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in scalars(saved["eval"]).items() if isinstance(v, float))
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in scalars(saved.eval).items() if isinstance(v, float))
         accelerator.print(f"eval: {summary}\nrun directory: {run_dir}")
     return results

@@ -19,11 +19,11 @@ from serve.bundle.folders import (
     temp_path,
     write_run_marker,
 )
+from serve.bundle.records import RunRecord, write_run_record
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-TASK_FILE = "tuneforge.json"  # task metadata that compress/ and serve/ read next to the weights
 RUN_DIR_GUARD = run_dir_guard(setting="train.overwrite", key="train.output_dir", error=ConfigError)
 
 
@@ -81,8 +81,9 @@ def write_json(path: str | Path, obj: Any) -> None:
     replace_file(tmp, path)
 
 
-def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Path, task: dict[str, Any]) -> None:
-    """save_pretrained (safetensors) + tokenizer/processor + task metadata, atomically; every process calls it.
+def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Path, record: RunRecord) -> None:
+    """save_pretrained (safetensors) + tokenizer/processor + the run record (tuneforge.json), atomically; every
+    process calls it.
 
     The state dict is gathered through the accelerator, so this works under DDP, FSDP and DeepSpeed. A LoRA model
     is saved with its adapters merged: a plain model that loads without peft.
@@ -98,7 +99,7 @@ def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Pat
             plain_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             if processor is not None:
                 processor.save_pretrained(tmp)
-            write_json(tmp / TASK_FILE, task)
+            write_run_record(tmp, record)
             replace_folder(tmp, path, RUN_PART)
 
     unwrapped = accelerator.unwrap_model(model)

@@ -16,7 +16,7 @@ checkpoint.resume_from=latest.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from finetune.models import ModelConfig, build_causal_lm, build_tokenizer
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
+from serve.bundle.records import RunRecord
 from serve.bundle.tasks import Task
 
 
@@ -88,16 +89,16 @@ def main(cfg: Config) -> dict[str, Any]:
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
     accelerator.print(f"parameters: {parameters['trainable']:,} trainable of {parameters['total']:,}; "
                       f"{len(tokenized['train'])} train / {len(tokenized['eval'])} eval examples")
-    task = {"task": Task.CAUSAL_LM, "base_model": cfg.model.name_or_path, "block_size": cfg.data.block_size,
-            "data_format": cfg.data.format, "chat_template": cfg.data.format == "instruction",
-            "system_prompt": cfg.data.system_prompt, "generation": cfg.generation.settings(),
-            "lora": config_to_dict(cfg.lora) if cfg.lora.enabled else None, "parameters": parameters}
+    record = RunRecord(Task.CAUSAL_LM, base_model=cfg.model.name_or_path, block_size=cfg.data.block_size,
+                       data_format=cfg.data.format, chat_template=cfg.data.format == "instruction",
+                       system_prompt=cfg.data.system_prompt, generation=cfg.generation.settings(),
+                       lora=config_to_dict(cfg.lora) if cfg.lora.enabled else None, parameters=parameters)
 
     def evaluate() -> tuple[dict[str, Any], bool]:
         """Eval loss and perplexity over every eval token; keep model/ as the best model so far; stop early?"""
         metrics = score_causal_lm(accelerator, model, eval_loader)
         stop = select_and_stop(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, lambda: save_model_dir(
-            accelerator, model, tokenizer, run_dir / MODEL_DIR, {**task, "step": state.global_step, "eval": metrics}))
+            accelerator, model, tokenizer, run_dir / MODEL_DIR, replace(record, step=state.global_step, eval=metrics)))
         return metrics, stop
 
     # 5. The loop: accumulate, clip, step; evaluate, checkpoint and stop early on schedule.

@@ -15,7 +15,7 @@ records the teacher and the settings. Resume a killed run with checkpoint.resume
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -77,7 +77,7 @@ def main(cfg: Config) -> dict[str, Any]:
     image = teacher_run.task == Task.IMAGE_CLASSIFICATION
     if teacher_run.task not in (Task.TEXT_CLASSIFICATION, Task.IMAGE_CLASSIFICATION) or teacher_run.config is None:
         raise ConfigError(f"teacher {cfg.teacher} must be a text- or image-classification run written by a recipe")
-    cfg.data = {**teacher_run.config["data"], **cfg.data, "label_names": teacher_run.meta["label_names"]}
+    cfg.data = {**teacher_run.config["data"], **cfg.data, "label_names": teacher_run.record.label_names}
     if image:
         cfg.augment = {**teacher_run.config.get("augment", {}), **cfg.augment}
     accelerator, resume = start_run(cfg, cfg.train, cfg.checkpoint)
@@ -105,13 +105,16 @@ def main(cfg: Config) -> dict[str, Any]:
         checkpoints.load(resume)
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
     unwrapped = accelerator.unwrap_model(model)
-    label_names = teacher_run.meta["label_names"]
-    task = {**{k: v for k, v in teacher_run.meta.items() if k not in ("eval", "step", "pruning")},
-            "num_parameters": sum(p.numel() for p in unwrapped.parameters()), "architecture": type(unwrapped).__name__,
-            "distillation": {"teacher": teacher_run.run_dir.name, "teacher_eval": teacher_run.meta["eval"],
-                             "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-                             "student": cfg.student.name_or_path or {"teacher_layers": student_layers(cfg, teacher)},
-                             **config_to_dict(cfg.distill)}}
+    label_names = teacher_run.record.label_names
+    # The teacher's task, labels and inputs; this model's own size, and how it was made.
+    record = replace(teacher_run.record, eval={}, step=None, pruning=None,
+                     num_parameters=sum(p.numel() for p in unwrapped.parameters()),
+                     architecture=type(unwrapped).__name__,
+                     distillation={"teacher": teacher_run.run_dir.name, "teacher_eval": teacher_run.record.eval,
+                                   "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+                                   "student": cfg.student.name_or_path or {
+                                       "teacher_layers": student_layers(cfg, teacher)},
+                                   **config_to_dict(cfg.distill)})
 
     def evaluate() -> tuple[dict[str, Any], bool]:
         """Score the eval split; keep model/ as the best model so far; say whether to stop early."""
@@ -119,7 +122,7 @@ def main(cfg: Config) -> dict[str, Any]:
         metrics = score_classifier(logits, labels, num_labels=len(label_names),
                                    label_names=label_names if image else None)
         stop = select_and_stop(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, lambda: save_model_dir(
-            accelerator, model, processor, run_dir / MODEL_DIR, {**task, "step": state.global_step, "eval": metrics}))
+            accelerator, model, processor, run_dir / MODEL_DIR, replace(record, step=state.global_step, eval=metrics)))
         return metrics, stop
 
     # 5. The loop: teacher logits (cached or on the fly), KD loss, accumulate, clip, step; evaluate and checkpoint.
@@ -204,7 +207,7 @@ def image_data(cfg: Config, teacher_run: Any, teacher: torch.nn.Module, accelera
     if cfg.distill.cache_teacher_logits and augment.enabled:
         raise ConfigError("cached teacher logits are of the un-augmented images; set augment.enabled=false or "
                           "distill.cache_teacher_logits=false")
-    spec = PreprocessingSpec.from_dict(teacher_run.meta["preprocessing"])
+    spec = PreprocessingSpec.from_dict(teacher_run.record.preprocessing)
     with accelerator.main_process_first():
         loaded, _ = load_image_splits(data, seed=cfg.train.seed, num_labels=len(data.label_names))
     splits = prepare_images(loaded, spec)
@@ -242,11 +245,11 @@ def build_student(cfg: Config, teacher: torch.nn.Module, teacher_run: Any) -> to
     )
     from serve.bundle.preprocessing import PreprocessingSpec
 
-    names, name = teacher_run.meta["label_names"], cfg.student.name_or_path
+    names, name = teacher_run.record.label_names, cfg.student.name_or_path
     if name is None:
         student = layer_subset_student(teacher, student_layers(cfg, teacher))
     elif teacher_run.task == Task.IMAGE_CLASSIFICATION:
-        spec = PreprocessingSpec.from_dict(teacher_run.meta["preprocessing"])
+        spec = PreprocessingSpec.from_dict(teacher_run.record.preprocessing)
         student = build_image_classifier(ImageModelConfig(name_or_path=name, config=cfg.student.config),
                                          label_names=names, num_channels=spec.num_channels, image_size=spec.size)
     else:

@@ -14,7 +14,7 @@ checkpoint.resume_from=latest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from finetune.checkpoint import (
@@ -41,6 +41,7 @@ from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.plots import plot_misclassified
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
+from serve.bundle.records import RunRecord
 from serve.bundle.tasks import Task
 
 
@@ -88,9 +89,9 @@ def main(cfg: Config) -> dict[str, Any]:
         checkpoints.load(resume)
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
     unwrapped = accelerator.unwrap_model(model)
-    task = {"task": Task.IMAGE_CLASSIFICATION, "label_names": label_names, "preprocessing": spec.to_dict(),
-            "base_model": cfg.model.name_or_path, "architecture": type(unwrapped).__name__,
-            "num_parameters": sum(p.numel() for p in unwrapped.parameters())}
+    record = RunRecord(Task.IMAGE_CLASSIFICATION, label_names=label_names, preprocessing=spec.to_dict(),
+                       base_model=cfg.model.name_or_path, architecture=type(unwrapped).__name__,
+                       num_parameters=sum(p.numel() for p in unwrapped.parameters()))
 
     def evaluate() -> tuple[dict[str, Any], bool]:
         """Score the eval split; keep model/ (and misclassified.png) as the best model so far; say whether to stop."""
@@ -99,7 +100,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
         def save_best() -> None:
             save_model_dir(accelerator, model, None, run_dir / MODEL_DIR,
-                           {**task, "step": state.global_step, "eval": metrics})
+                           replace(record, step=state.global_step, eval=metrics))
             if accelerator.is_main_process:
                 plot_misclassified(splits["eval"].images, labels, logits.argmax(axis=1), label_names,
                                    run_dir / "misclassified.png")

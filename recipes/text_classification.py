@@ -11,7 +11,7 @@ and confusion_matrix.png. Resume a killed run with checkpoint.resume_from=latest
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from transformers import DataCollatorWithPadding
@@ -32,6 +32,7 @@ from finetune.models import ModelConfig, build_sequence_classifier, build_tokeni
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams
+from serve.bundle.records import RunRecord
 from serve.bundle.tasks import Task
 
 
@@ -81,9 +82,9 @@ def main(cfg: Config) -> dict[str, Any]:
     if resume:
         checkpoints.load(resume)
     accelerator.init_trackers("logs", config=flat_hparams(config_to_dict(cfg)))
-    task = {"task": Task.TEXT_REGRESSION if regression else Task.TEXT_CLASSIFICATION, "label_names": label_names,
-            "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
-            "text_pair_column": cfg.data.text_pair_column, "base_model": cfg.model.name_or_path}
+    record = RunRecord(Task.TEXT_REGRESSION if regression else Task.TEXT_CLASSIFICATION, label_names=label_names,
+                       max_length=cfg.data.max_length, text_column=cfg.data.text_column,
+                       text_pair_column=cfg.data.text_pair_column, base_model=cfg.model.name_or_path)
 
     def evaluate() -> tuple[dict[str, Any], bool]:
         """Score the eval split; keep model/ as the best model so far; say whether to stop early."""
@@ -91,7 +92,7 @@ def main(cfg: Config) -> dict[str, Any]:
         metrics = score_regressor(logits, labels) if regression else score_classifier(
             logits, labels, num_labels=len(label_names))
         stop = select_and_stop(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, lambda: save_model_dir(
-            accelerator, model, tokenizer, run_dir / MODEL_DIR, {**task, "step": state.global_step, "eval": metrics}))
+            accelerator, model, tokenizer, run_dir / MODEL_DIR, replace(record, step=state.global_step, eval=metrics)))
         return metrics, stop
 
     # 5. The loop: accumulate, clip, step; evaluate, checkpoint and stop early on schedule.

@@ -104,7 +104,7 @@ def _show_selected(gr: Any, picker: Any, outputs: list[Any], group: list[DemoMod
 
 
 def _text_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
-    pair_column = next((_pair_column(m.source) for m in group if _pair_column(m.source)), None)
+    pair_column = next((m.source.pair_column for m in group if m.source.pair_column), None)
     text = gr.Textbox(label="Text", lines=3, placeholder="Type a sentence to classify", elem_id="text-input")
     pair = gr.Textbox(label=f"Second text ({pair_column})", lines=2, visible=pair_column is not None)
     picker = _variant_picker(gr, group)
@@ -308,11 +308,6 @@ def _checked_image(gr: Any, path: str | None, max_bytes: float) -> Any:
         return load_image(file)
     except TuneforgeError as err:
         raise gr.Error(str(err)) from None
-
-
-def _pair_column(source: Source) -> str | None:
-    return (source.meta.get("text") or {}).get("text_pair_column") if source.manifest else \
-        source.meta.get("text_pair_column")
 
 
 def _gradio() -> Any:

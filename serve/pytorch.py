@@ -37,20 +37,20 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
         torch.set_num_threads(threads)
     run = read_run(run_dir)
     model = load_model(run)
-    meta, name = run.meta, f"{run.run_dir.name}/pytorch"
+    record, name = run.record, f"{run.run_dir.name}/pytorch"
     if run.task == Task.IMAGE_CLASSIFICATION:
-        return ImageClassifier(PreprocessingSpec.from_dict(meta["preprocessing"]), _forward(model),
-                               labels=meta.get("label_names"), batching=batching, name=name)
+        return ImageClassifier(PreprocessingSpec.from_dict(record.preprocessing), _forward(model),
+                               labels=record.label_names, batching=batching, name=name)
     hf = load_tokenizer(run)
     with tempfile.TemporaryDirectory() as tmp:
         if run.task in TEXT_TASKS:
-            max_length = int(meta.get("max_length") or hf.model_max_length)
+            max_length = int(record.max_length or hf.model_max_length)
             tokenizer = write_tokenizer(hf, Path(tmp), padding_side=hf.padding_side, max_length=max_length)
             return TextClassifier(tokenizer, _forward(model),
                                   input_names=forward_input_names(model, TEXT_INPUTS,
                                                                   tokenizer_inputs=hf.model_input_names),
-                                  labels=meta.get("label_names"), task=run.task, max_length=max_length,
-                                  pair_column=meta.get("text_pair_column"), batching=batching, name=name)
+                                  labels=record.label_names, task=run.task, max_length=max_length,
+                                  pair_column=record.text_pair_column, batching=batching, name=name)
         config = model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else hf.eos_token_id
         pad = next(p for p in (config.pad_token_id, hf.pad_token_id, eos[0] if isinstance(eos, list) else eos)
@@ -59,8 +59,8 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
     special = {f"{kind}_token": getattr(hf, f"{kind}_token") for kind in ("bos", "eos", "pad")
                if getattr(hf, f"{kind}_token", None) is not None}
     return TextGenerator(tokenizer, torch_step(model, forward_input_names(model, LM_INPUTS)),
-                         defaults=GenerationSettings.from_manifest(meta.get("generation")), eos_token_id=eos,
-                         pad_token_id=pad, max_length=meta.get("block_size"),
+                         defaults=GenerationSettings.from_manifest(record.generation), eos_token_id=eos,
+                         pad_token_id=pad, max_length=record.block_size,
                          max_positions=getattr(model.config, "max_position_embeddings", None),
                          chat_template=getattr(hf, "chat_template", None), special_tokens=special, name=name)
 

@@ -6,7 +6,6 @@ Nothing here imports gradio; predictors load on first use (one per variant, shar
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,12 +14,12 @@ from typing import Any
 
 from serve.batching import BatchingConfig
 from serve.bundle.manifest import MANIFEST, Manifest, read_manifest
+from serve.bundle.records import RUN_RECORD, RunRecord, read_run_record
 from serve.bundle.tasks import Task
 from serve.errors import ServeError
 
 logger = logging.getLogger(__name__)
 
-TASK_FILE = "tuneforge.json"
 REPORT_FILE = "report.md"
 EXAMPLES = 6
 
@@ -33,8 +32,15 @@ class Source:
     kind: str  # "bundle" | "run"
     task: str
     labels: list[str] | None
-    meta: dict[str, Any] = field(repr=False)  # the manifest (bundles) or model/tuneforge.json (runs)
-    manifest: Manifest | None = field(default=None, repr=False)
+    manifest: Manifest | None = field(default=None, repr=False)  # bundles
+    record: RunRecord | None = field(default=None, repr=False)  # run directories: model/tuneforge.json
+
+    @property
+    def pair_column(self) -> str | None:
+        """The column name of a text pair's second text, when the model takes pairs."""
+        if self.manifest is not None:
+            return (self.manifest.data.get("text") or {}).get("text_pair_column")
+        return self.record.text_pair_column if self.record else None
 
     @property
     def name(self) -> str:
@@ -53,7 +59,7 @@ class Source:
         """The run directory this source came from, if it still exists here."""
         if self.manifest is None:
             return self.path
-        path = (self.meta.get("source_run") or {}).get("path")  # relative to the bundle (absolute before 2026-12)
+        path = (self.manifest.data.get("source_run") or {}).get("path")  # relative to the bundle
         return (self.path / path).resolve() if path and (self.path / path).is_dir() else None
 
 
@@ -62,14 +68,14 @@ def open_source(path: str | Path, *, verify: bool = True) -> Source:
     path = Path(path)
     if (path / MANIFEST).is_file() or not path.exists():
         manifest = read_manifest(path, verify=verify)
-        return Source(path, "bundle", manifest.task, manifest.data.get("labels"), manifest.data, manifest)
-    task_file = next((p for p in (path / "model" / TASK_FILE, path / TASK_FILE) if p.is_file()), None)
+        return Source(path, "bundle", manifest.task, manifest.data.get("labels"), manifest=manifest)
+    task_file = next((p for p in (path / "model" / RUN_RECORD, path / RUN_RECORD) if p.is_file()), None)
     if task_file is None:
-        raise ServeError(f"{path} is neither a bundle (no {MANIFEST}) nor a run directory (no model/{TASK_FILE}); "
+        raise ServeError(f"{path} is neither a bundle (no {MANIFEST}) nor a run directory (no model/{RUN_RECORD}); "
                          "pass a folder written by `python -m compress export` or a recipe's train.output_dir")
-    meta = json.loads(task_file.read_text())
+    record = read_run_record(task_file.parent)
     run_dir = task_file.parent.parent if task_file.parent.name == "model" else task_file.parent
-    return Source(run_dir, "run", meta.get("task"), meta.get("label_names"), meta)
+    return Source(run_dir, "run", record.task, record.label_names, record=record)
 
 
 class DemoModel:
@@ -136,7 +142,7 @@ def demo_models(sources: list[Source], *, threads: int | None = None,
 def report_markdown(source: Source) -> str:
     """The bundle's report.md when it has one, else a table of its variants from the manifest (or a run's metrics)."""
     if source.manifest is None:
-        metrics = source.meta.get("eval") or {}
+        metrics = source.record.eval if source.record else {}
         rows = [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if isinstance(v, int | float)]
         return "\n".join([f"**{source.name}** (run directory, PyTorch)", "", "| eval metric | value |", "|---|---|",
                           *rows]) if rows else f"**{source.name}**: no eval metrics recorded"
