@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 from conftest import REPO
-
 from test_layering import floor, modules
 
 # evaluate imports transformers.pipelines (seconds per process): only finetune.metrics.load_metric imports it.
