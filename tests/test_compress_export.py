@@ -315,16 +315,16 @@ def corrupt_onnx(path: Path) -> None:
 
 
 def test_corrupted_weights_are_refused_and_no_bundle_is_written(text_run: Path, tmp_path: Path, monkeypatch):
-    import compress.tasks
+    import compress.tasks.text
 
-    original = compress.tasks.export_classifier
+    original = compress.tasks.text.export_classifier
 
     def broken(*args, **kwargs):
         graph = original(*args, **kwargs)
         corrupt_onnx(graph.path)
         return graph
 
-    monkeypatch.setattr(compress.tasks, "export_classifier", broken)
+    monkeypatch.setattr(compress.tasks.text, "export_classifier", broken)
     with pytest.raises(ParityError) as err:
         export_bundle(text_run, tmp_path / "bundle")
     message = str(err.value)
@@ -334,16 +334,16 @@ def test_corrupted_weights_are_refused_and_no_bundle_is_written(text_run: Path, 
 
 
 def test_corrupted_decoder_is_refused(tmp_path: Path, monkeypatch):
-    import compress.tasks
+    import compress.tasks.causal_lm
 
-    original = compress.tasks.export_decoder
+    original = compress.tasks.causal_lm.export_decoder
 
     def broken(*args, **kwargs):
         graph = original(*args, **kwargs)
         corrupt_onnx(graph.path)
         return graph
 
-    monkeypatch.setattr(compress.tasks, "export_decoder", broken)
+    monkeypatch.setattr(compress.tasks.causal_lm, "export_decoder", broken)
     run = make_causal_lm_run(tmp_path / "run", arch="gpt2")
     with pytest.raises(ParityError, match=r"^fp32 decoder graph \(fp32.decoder.onnx\) does not match PyTorch"):
         export_bundle(run, tmp_path / "bundle")

@@ -26,7 +26,7 @@ from compress.quantize import (
     quantize_torch_dynamic,
 )
 from compress.source import load_model, read_run
-from compress.tasks import TextClassifierExport
+from compress.tasks.text import TextClassifierExport
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DYNAMIC = Settings("dynamic", per_channel=False, reduce_range=False, exclude_op_types=())
