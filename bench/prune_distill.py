@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 from common import REPO, machine, run_measured
 
+from compress.training import ScriptTrainer
+
 TEXT_CONFIG = REPO / "recipes/configs/text_classification/sst2.yaml"
 DISTILL_CONFIG = REPO / "recipes/configs/distill/sst2.yaml"
+TRAINER = ScriptTrainer(REPO / "recipes")  # recovery and distillation run this checkout's recipes
 
 
 def train_teacher(args: argparse.Namespace, out: Path) -> float:
@@ -123,12 +126,13 @@ def main() -> None:
     pruned, student = Path(args.pruned or work / "pruned"), Path(args.distilled or work / "distilled")
     if not args.pruned:
         start = time.perf_counter()
-        prune_run(teacher, pruned, overwrite=True, config=PruneConfig(
+        prune_run(teacher, pruned, overwrite=True, trainer=TRAINER, config=PruneConfig(
             heads=args.heads, ffn=args.ffn, recovery_steps=args.recovery_steps))
         walls["pruned"] = time.perf_counter() - start
     if not args.distilled:
         start = time.perf_counter()
-        distill_run(teacher, student, overwrite=True, config=DistillConfig(config_file=str(DISTILL_CONFIG)))
+        distill_run(teacher, student, overwrite=True, trainer=TRAINER,
+                    config=DistillConfig(config_file=str(DISTILL_CONFIG)))
         walls["distilled"] = time.perf_counter() - start
 
     sentences = [line.rsplit("\t", 1)[0] for line in Path(f"{args.data}/test.tsv").read_text().splitlines()[1:]]

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--config", type=Path, default=None, help="a YAML of recipes/configs/compress/")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     run.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    run.add_argument("--recipes", type=Path, default=Path("recipes"),
+                     help="the recipes folder that prune (recovery) and distill stages train with (default: recipes)")
     verify = commands.add_parser("verify", help="check a bundle's manifest and files")
     verify.add_argument("bundle", type=Path)
     args = parser.parse_args(argv)
@@ -74,12 +76,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from compress.pipeline import CompressConfig, run_pipeline
+    from compress.training import ScriptTrainer
     from finetune.config import format_config_help, load_config
 
     if args.help_config:
         sys.stdout.write(format_config_help(CompressConfig))
         return
-    manifest = run_pipeline(load_config(CompressConfig, args.config, args.overrides))
+    manifest = run_pipeline(load_config(CompressConfig, args.config, args.overrides),
+                            trainer=ScriptTrainer(args.recipes))
     report = manifest.path / manifest.data["report"]["markdown"] if "report" in manifest.data else None
     if report is not None:
         sys.stdout.write(report.read_text())

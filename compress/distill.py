@@ -24,14 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import StageError
-from compress.launch import check_output_run, output_run_guard, run_recipe, temp_dir_near
 from compress.source import read_run
+from compress.training import Trainer, check_output_run, output_run_guard, require_trainer, temp_dir_near
 from serve.bundle.folders import remove_temp, replace_folder
 from serve.bundle.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "distill"
 DEFAULT_CONFIGS = {Task.TEXT_CLASSIFICATION: "default.yaml", Task.IMAGE_CLASSIFICATION: "mnist_resnet_to_cnn.yaml"}
 
 
@@ -88,7 +87,7 @@ def layer_subset_student(teacher: nn.Module, layers: list[int]) -> nn.Module:
 class DistillConfig:
     """Settings of `distill_run`; None keeps the recipe YAML's value."""
 
-    config_file: str | None = None  # recipes/configs/distill/*.yaml; None: DEFAULT_CONFIGS[the teacher's task]
+    config_file: str | None = None  # a distill recipe YAML; None: the trainer's distill/DEFAULT_CONFIGS[task]
     student_layers: list[int] | None = None  # teacher layers the student keeps (transformer teachers)
     student_model: str | None = None  # another student: a model folder / hub id, or simple_cnn / mlp / resnet
     student_config: dict[str, Any] | None = None  # a built-in image student's architecture (model.config settings)
@@ -110,21 +109,23 @@ class DistillConfig:
 
 
 def distill_run(teacher_run: str | Path, out_dir: str | Path, *, config: DistillConfig | None = None,
-                overwrite: bool = False) -> Path:
-    """Distill the model of `teacher_run` into a student: runs recipes/distill.py and writes its run directory to
-    `out_dir` (model/, metrics.json, config.yaml, logs/; tuneforge.json records the distillation)."""
+                overwrite: bool = False, trainer: Trainer | None = None) -> Path:
+    """Distill the model of `teacher_run` into a student: `trainer` runs the distill recipe (see compress.training),
+    whose run directory lands in `out_dir` (model/, metrics.json, config.yaml, logs/; tuneforge.json records the
+    distillation)."""
     config = config or DistillConfig()
     out = Path(out_dir)
     check_output_run(out, overwrite=overwrite)
+    trainer = require_trainer(trainer, "distillation")
     teacher = read_run(teacher_run)
     if config.config_file is None and teacher.task not in DEFAULT_CONFIGS:
         raise StageError(f"distillation trains classifiers; {teacher.run_dir} is a {teacher.task} run")
-    config_file = config.config_file or str(CONFIGS / DEFAULT_CONFIGS[teacher.task])
+    config_file = config.config_file or str(trainer.config(f"distill/{DEFAULT_CONFIGS[teacher.task]}"))
     work = temp_dir_near(out, "distill")
     try:
         args = ["--config", config_file, f"teacher={teacher.run_dir.resolve()}",
                 f"train.output_dir={(work / 'run').resolve()}", "train.overwrite=true", *config.recipe_args()]
-        run_recipe("distill", args, log=work / "recipe.log")
+        trainer("distill", args, log=work / "recipe.log")
         replace_folder(work / "run", out, output_run_guard())
     finally:
         remove_temp(work)

@@ -60,6 +60,7 @@ from compress.prune import PruneConfig, prune_run
 from compress.quantize import QuantizeConfig, quantize_gated, quantize_torch_dynamic
 from compress.source import Run, load_model, load_samples, read_run
 from compress.tasks import TaskExport, prepare_task
+from compress.training import Trainer
 from finetune.config import config_from_dict, config_to_dict
 from finetune.errors import ConfigError
 from serve.bundle.folders import relative_path
@@ -138,8 +139,8 @@ class Lineage:
 class Pipeline:
     """The state the stages share: the current lineage, the bundle being built, the baselines and what was dropped."""
 
-    def __init__(self, cfg: CompressConfig, bundle: Path, workdir: Path):
-        self.cfg, self.bundle, self.workdir = cfg, bundle, workdir
+    def __init__(self, cfg: CompressConfig, bundle: Path, workdir: Path, trainer: Trainer | None = None):
+        self.cfg, self.bundle, self.workdir, self.trainer = cfg, bundle, workdir, trainer
         self.lineage = Lineage(read_run(cfg.run_dir, data_overrides=cfg.data or None))
         self.first: Lineage | None = None  # the model exported first: it made the bundle and gives the latency inputs
         self.source = self.lineage
@@ -173,14 +174,15 @@ class StageKind:
     new_model: bool = False
 
 
-def run_pipeline(cfg: CompressConfig) -> Manifest:
-    """Apply the stages to the run, time every variant, choose the default, write the report; return the manifest."""
+def run_pipeline(cfg: CompressConfig, *, trainer: Trainer | None = None) -> Manifest:
+    """Apply the stages to the run, time every variant, choose the default, write the report; return the manifest.
+    `trainer` runs the recipes that prune (with recovery) and distill stages train with (compress.training)."""
     stages = plan_stages(cfg.stages)
     out = bundle_destination(cfg.out, overwrite=cfg.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Quantization attempts and derived exports go to a work folder on the bundle's disk (graphs can be GBs).
     with staged(out) as bundle, tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        pipeline = Pipeline(cfg, bundle, Path(work))
+        pipeline = Pipeline(cfg, bundle, Path(work), trainer)
         for index, (kind, settings) in enumerate(stages):
             logger.info("stage %d/%d: %s", index + 1, len(stages), kind)
             STAGES[kind].apply(pipeline, settings)
@@ -338,15 +340,15 @@ def same_quantization(manifest: Manifest, quantization: dict[str, Any], derived:
 
 
 def transform_stage(fn: Callable[..., Any], prefix: str) -> Callable[[Pipeline, Any], None]:
-    """A run-to-run stage from `fn(run_dir, out_dir, *, config, overwrite)` (which writes a new run directory at
-    out_dir, e.g. compress.prune.prune_run): the stages after it work on the new run, its variants named
+    """A run-to-run stage from `fn(run_dir, out_dir, *, config, overwrite, trainer)` (which writes a new run
+    directory at out_dir, e.g. compress.prune.prune_run): the stages after it work on the new run, its variants named
     `<prefix>-...`. New runs are kept next to the bundle, in `<out>-runs/<prefix>` (replaced only with overwrite)."""
 
     def apply(p: Pipeline, config: Any) -> None:
         bundle = Path(p.cfg.out)
         out = bundle.with_name(f"{bundle.name}-runs") / prefix
         out.parent.mkdir(parents=True, exist_ok=True)
-        written = fn(p.lineage.run.run_dir, out, config=config, overwrite=p.cfg.overwrite)
+        written = fn(p.lineage.run.run_dir, out, config=config, overwrite=p.cfg.overwrite, trainer=p.trainer)
         run = read_run(written or out, data_overrides=p.cfg.data or None)
         # Paths relative to the bundle: the manifest never records the builder's absolute paths.
         derived = {"stage": prefix, "from": p.lineage.derived["run"] if p.lineage.derived else relative_path(

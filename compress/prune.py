@@ -24,11 +24,18 @@ from typing import Any, Literal
 import torch
 
 from compress.errors import StageError
-from compress.launch import TASK_RECIPES, check_output_run, output_run_guard, run_recipe, temp_dir_near
 from compress.run_data import RunData
 from compress.source import Run, load_model, read_run
 from compress.sparsity import prune_magnitude_
 from compress.structured import gradient_scores, magnitude_scores, prune_units_
+from compress.training import (
+    TASK_RECIPES,
+    Trainer,
+    check_output_run,
+    output_run_guard,
+    require_trainer,
+    temp_dir_near,
+)
 from compress.units import KINDS, find_units, update_config_
 from finetune.rundir import MODEL_DIR, write_json
 from finetune.shapes import record_shapes_
@@ -76,24 +83,28 @@ class PruneConfig:
             raise ValueError("rounds > 1 (iterative pruning) needs recovery_steps > 0 between the rounds")
 
 
-def prune_run(run_dir: str | Path, out_dir: str | Path, *, config: PruneConfig, overwrite: bool = False) -> Path:
-    """Prune the model of `run_dir` into a new run directory `out_dir` (written whole, or not at all)."""
+def prune_run(run_dir: str | Path, out_dir: str | Path, *, config: PruneConfig, overwrite: bool = False,
+              trainer: Trainer | None = None) -> Path:
+    """Prune the model of `run_dir` into a new run directory `out_dir` (written whole, or not at all); `trainer`
+    runs the recovery fine-tunes (needed when recovery_steps > 0; see compress.training)."""
     out = Path(out_dir)
     check_output_run(out, overwrite=overwrite)
+    if config.recovery_steps:
+        trainer = require_trainer(trainer, "pruning recovery (recovery_steps > 0)")
     source = read_run(run_dir)
     if config.scope == "global" and config.heads and source.task == Task.CAUSAL_LM:
         raise StageError("global head pruning gives decoder layers different KV-cache shapes, which bundles do not "
                          "support; use scope: layer for causal LMs")
     work = temp_dir_near(out, "prune")
     try:
-        replace_folder(_prune(source, work, config), out, output_run_guard())
+        replace_folder(_prune(source, work, config, trainer), out, output_run_guard())
     finally:
         remove_temp(work)
     logger.info("pruned run written to %s", out)
     return out
 
 
-def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
+def _prune(source: Run, work: Path, config: PruneConfig, trainer: Trainer | None) -> Path:
     """Rounds of prune (+ recover) in `work`; returns the finished run directory (inside `work`)."""
     model = load_model(source)
     data = RunData(source, batch_size=config.batch_size)  # the same splits in every round (recovery keeps them)
@@ -113,7 +124,7 @@ def _prune(source: Run, work: Path, config: PruneConfig) -> Path:
             _prune_structured(model, data, config, round_, kept)
         if not config.recovery_steps:
             break
-        current = _recover(model, current, source, work / f"round{round_}", config)
+        current = _recover(model, current, source, work / f"round{round_}", config, trainer)
         recovered = True
     if config.method == "unstructured" and recovered:
         # The recipes' optimizers do not keep masks: recovery regrows some zeros; prune the recovered weights again
@@ -165,7 +176,8 @@ def _prune_structured(model: torch.nn.Module, data: RunData, config: PruneConfig
                                                  for a, b in [report.count(k)]))
 
 
-def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, config: PruneConfig) -> Run:
+def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, config: PruneConfig,
+             trainer: Trainer) -> Run:
     """Fine-tune the pruned model with the task's recipe, on the source run's data and settings."""
     pruned = work / "pruned"
     _save_model_dir(model, current, pruned / MODEL_DIR, current.record)
@@ -183,7 +195,7 @@ def _recover(model: torch.nn.Module, current: Run, source: Run, work: Path, conf
             f"train.max_steps={steps}", f"train.epochs={steps}"]
     if source.task == Task.IMAGE_CLASSIFICATION:
         args.append(f"{model_key}.config={{}}")  # the architecture comes from the pruned model's own config
-    run_recipe(recipe, [*args, *config.recovery_overrides], log=work / "recipe.log")
+    trainer(recipe, [*args, *config.recovery_overrides], log=work / "recipe.log")
     clear_folder(pruned, RUN_PART)
     return read_run(work / "run")
 

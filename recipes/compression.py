@@ -20,16 +20,18 @@ import logging
 from pathlib import Path
 
 from compress.pipeline import CompressConfig, run_pipeline
+from compress.training import ScriptTrainer
 from finetune.config import parse_config
 from finetune.errors import exit_on_user_error
 from serve.bundle.manifest import Manifest
 
 Config = CompressConfig  # run_dir, out, stages, data overrides, gate, latency, default_variant, report
+RECIPES = Path(__file__).parent
 
 
 def main(cfg: Config) -> Manifest:
     # Stages in order (checked before any work), then latency, the default variant and the report.
-    manifest = run_pipeline(cfg)
+    manifest = run_pipeline(cfg, trainer=ScriptTrainer(RECIPES))  # prune recovery and distill run these recipes
     print((manifest.path / manifest.data["report"]["markdown"]).read_text() if "report" in manifest.data else "")
     rejected = manifest.data.get("rejected", {})
     print(f"wrote {Path(cfg.out)}: variants {', '.join(manifest.variants)} (default {manifest.default_variant})"

@@ -10,33 +10,44 @@
    every variant timed, and the bundle with report.md / report.json / tradeoff.png.
 3. Print the report and the command that opens the demo on the bundle.
 
-Both steps run in this process with the recipes' own `main`; run them one by one with the commands in their files.
+Each step runs its recipe in a process of its own (compress.training.ScriptTrainer); run them one by one with the
+commands in their files.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from compression import Config as CompressConfig
-from compression import main as compress
-from text_classification import Config as TrainConfig
-from text_classification import main as train
-
-from finetune.config import load_config, parse_config
-from finetune.errors import TuneforgeError, exit_on_user_error
+from compress.training import ScriptTrainer
+from finetune.config import parse_config
+from finetune.errors import ConfigError, TuneforgeError, exit_on_user_error
 from serve.app import demo_command
+from serve.bundle.manifest import read_manifest
+
+RECIPES = ScriptTrainer(Path(__file__).parent)  # runs this folder's recipes, each in its own process
 
 
 @dataclass
 class Config:
+    run_dir: str = "runs/text_classification/default"  # where the fine-tuned run goes
+    bundle: str = "bundles/text_default"  # where the compressed bundle goes
     train_config: str = "recipes/configs/text_classification/default.yaml"
     train_overrides: list[str] = field(default_factory=list)  # key.sub=value settings of the fine-tune
     compress_config: str = "recipes/configs/compress/text_default.yaml"
     compress_overrides: list[str] = field(default_factory=list)  # key.sub=value settings of the compression
+
+    def __post_init__(self) -> None:
+        for overrides, keys, name in ((self.train_overrides, ("train.output_dir",), "run_dir"),
+                                      (self.compress_overrides, ("run_dir", "out"), "run_dir / bundle")):
+            for override in overrides:
+                if override.split("=", 1)[0] in keys:
+                    raise ConfigError(f"{override!r}: quickstart sets that from its own {name}; pass {name}=... "
+                                      "instead")
 
 
 @contextmanager
@@ -51,27 +62,27 @@ def settings_named_as(field_name: str) -> Iterator[None]:
 def main(cfg: Config) -> None:
     start = time.perf_counter()
 
-    # 1. Fine-tune: the run directory gets model/, metrics.json, checkpoints/, curves.png, ...
-    train_cfg = load_config(TrainConfig, cfg.train_config, cfg.train_overrides)
+    # 1. Fine-tune (recipes/text_classification.py): the run directory gets model/, metrics.json, checkpoints/, ...
     with settings_named_as("train_overrides"):
-        results = train(train_cfg)
+        RECIPES("text_classification", ["--config", cfg.train_config, *cfg.train_overrides,
+                                        f"train.output_dir={cfg.run_dir}"], log=None)
+    results = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
     trained = time.perf_counter()
 
-    # 2. Compress that run into a bundle (the report table is printed as it is written).
-    compress_cfg = load_config(CompressConfig, cfg.compress_config,
-                               [f"run_dir={train_cfg.train.output_dir}", *cfg.compress_overrides])
+    # 2. Compress that run into a bundle (recipes/compression.py prints the report table as it is written).
     with settings_named_as("compress_overrides"):
-        manifest = compress(compress_cfg)
+        RECIPES("compression", ["--config", cfg.compress_config, *cfg.compress_overrides, f"run_dir={cfg.run_dir}",
+                                f"out={cfg.bundle}"], log=None)
+    manifest = read_manifest(cfg.bundle)
     done = time.perf_counter()
 
     # 3. Where things are, and the demo.
     print(f"\nfine-tuned in {trained - start:.0f} s (eval accuracy {results['eval']['accuracy']:.1%}), "
           f"compressed in {done - trained:.0f} s")
-    print(f"run: {train_cfg.train.output_dir}    bundle: {manifest.path} (default variant {manifest.default_variant})")
+    print(f"run: {cfg.run_dir}    bundle: {manifest.path} (default variant {manifest.default_variant})")
     print(f"open the demo:\n    {demo_command(manifest.path)}")
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_user_error():
         main(parse_config(Config))

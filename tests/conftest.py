@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from compress.training import ScriptTrainer
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -380,6 +382,10 @@ def resnet_run(shape_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                f"train.output_dir={out}", "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps=6",
                "train.epochs=1", "optim.warmup_ratio=0.0")
     return out
+
+
+# What tests pass to prune_run / distill_run / run_pipeline: the recipes of this checkout.
+TRAINER = ScriptTrainer(REPO / "recipes")
 
 
 def run_recipe(recipe: str, *args: str, launcher: list[str] | None = None, timeout: float = 300,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_recipe
+from conftest import REPO, TRAINER, run_recipe
 
 from compress.latency import LatencyConfig
 from compress.metric_gate import GateConfig
@@ -185,7 +185,7 @@ def test_prune_and_distill_stages_put_three_models_in_one_report(text_run: Path,
     quantized next to the source's variants."""
     out = tmp_path / "bundle"
     quick = LatencyConfig(runs=2, rounds=1, warmup=0, batch_sizes=[1])
-    manifest = run_pipeline(CompressConfig(
+    manifest = run_pipeline(trainer=TRAINER, cfg=CompressConfig(
         run_dir=str(text_run), out=str(out), latency=quick, gate=GateConfig(max_relative_drop=0.5),
         stages=[{"export": {}}, {"quantize": {}},
                 {"prune": {"heads": 0.5, "ffn": 0.5, "importance": "magnitude"}}, {"export": {}}, {"quantize": {}},

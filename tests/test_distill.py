@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_recipe
+from conftest import TRAINER, run_recipe
 
 from compress.bundle import export_bundle
 from compress.distill import DistillConfig, distill_run, every_other_layer, kd_loss, layer_subset_student
@@ -121,13 +121,13 @@ def test_text_distillation_from_the_shipped_yaml_lowers_the_loss(teacher_run: Pa
     assert json.loads((out / "metrics.json").read_text())["eval"]["num_examples"] == 17
 
     # The same run with the teacher's logits computed once gives the same student (no dropout, no augmentation).
-    cached = distill_run(teacher_run, tmp_path / "cached", config=DistillConfig(
+    cached = distill_run(teacher_run, tmp_path / "cached", trainer=TRAINER, config=DistillConfig(
         cache_teacher_logits=True, overrides=TEXT_ARGS))
     assert read_losses(cached) == pytest.approx(losses, rel=1e-4, abs=1e-5)
 
 
 def test_image_distillation_resnet_teacher_to_simple_cnn(resnet_run: Path, tmp_path: Path):
-    out = distill_run(resnet_run, tmp_path / "cnn", config=DistillConfig(
+    out = distill_run(resnet_run, tmp_path / "cnn", trainer=TRAINER, config=DistillConfig(
         student_config={"conv_channels": [[4], [8]], "hidden_sizes": [16]}, max_steps=6, epochs=1,
         overrides=["augment.enabled=false", "train.batch_size=8", "train.eval_batch_size=8",
                    "train.log_every_n_steps=1"]))
@@ -145,4 +145,4 @@ def test_distill_refuses_a_regression_teacher(tmp_path: Path):
     run.mkdir(parents=True)
     (run / "tuneforge.json").write_text(json.dumps({"task": "text-regression"}))
     with pytest.raises(StageError, match="distillation trains classifiers"):
-        distill_run(tmp_path / "run", tmp_path / "out")
+        distill_run(tmp_path / "run", tmp_path / "out", trainer=TRAINER)

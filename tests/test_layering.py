@@ -92,7 +92,7 @@ def test_the_floors_import_only_what_they_may():
     ("serve.runtime", "transformers", False), ("serve.predictors", "finetune.data", False),
     ("finetune.rundir", "compress.manifest", False), ("finetune.rundir", "serve.runtime", False),
     ("finetune.rundir", "serve.bundle.folders", True), ("compress.bundle", "serve.app", False),
-    ("compress.launch", "recipes.distill", False), ("serve.app", "finetune.config", True),
+    ("compress.training", "recipes.distill", False), ("serve.app", "finetune.config", True),
 ])
 def test_the_rules_themselves(importer, imported, ok):
     """The checker says no where it must (so the test above cannot pass by accident)."""

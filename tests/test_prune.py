@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAINER
 
 from compress.bundle import ExportConfig, export_bundle
 from compress.errors import StageError
@@ -266,7 +267,7 @@ def test_magnitude_pruning_hits_the_target_exactly(tiny_gpt2: Path, sparsity: fl
 def test_prune_run_with_iterative_recovery_by_the_recipe_then_export(text_run: Path, tmp_path: Path):
     """Two rounds (prune, recover with recipes/text_classification.py, re-score); the result is a normal run that
     reloads and exports to ONNX with parity, with and without ONNX Runtime's fusions."""
-    out = prune_run(text_run, tmp_path / "pruned", config=PruneConfig(
+    out = prune_run(text_run, tmp_path / "pruned", trainer=TRAINER, config=PruneConfig(
         heads=0.5, ffn=0.5, rounds=2, recovery_steps=3, importance_batches=2, batch_size=8,
         recovery_overrides=["train.batch_size=8", "train.log_every_n_steps=1"]))
     for name in ("config.yaml", "metrics.json", "model/model.safetensors", "model/tokenizer.json",
@@ -296,7 +297,7 @@ def test_prune_run_with_iterative_recovery_by_the_recipe_then_export(text_run: P
 def test_unstructured_prune_run_is_pruned_again_after_recovery(text_run: Path, tmp_path: Path):
     """Recovery training regrows pruned weights (the recipes keep no masks); the result is pruned to the target again
     and evaluated here."""
-    out = prune_run(text_run, tmp_path / "sparse", config=PruneConfig(
+    out = prune_run(text_run, tmp_path / "sparse", trainer=TRAINER, config=PruneConfig(
         method="unstructured", sparsity=0.5, recovery_steps=2, recovery_overrides=["train.batch_size=8"]))
     meta = json.loads((out / "model" / "tuneforge.json").read_text())
     assert meta["pruning"]["sparsity_measured"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
@@ -332,7 +333,7 @@ def test_prune_run_refuses_what_it_cannot_do(text_run: Path, tmp_path: Path):
 
 
 def test_image_prune_run_recovers_with_the_image_recipe(resnet_run: Path, tmp_path: Path):
-    out = prune_run(resnet_run, tmp_path / "pruned", config=PruneConfig(
+    out = prune_run(resnet_run, tmp_path / "pruned", trainer=TRAINER, config=PruneConfig(
         channels=0.5, recovery_steps=2, importance_batches=2, batch_size=8,
         recovery_overrides=["train.batch_size=8", "train.eval_batch_size=8"]))
     meta = json.loads((out / "model" / "tuneforge.json").read_text())

@@ -89,11 +89,11 @@ def test_prune_and_distill_overwrite_refuse_a_folder_of_notes(stage, tmp_path):
 def test_pipeline_keeps_a_stage_folder_unless_asked_to_overwrite(tmp_path):
     seen = []
 
-    def fake_prune(run_dir, out, *, config, overwrite):
+    def fake_prune(run_dir, out, *, config, overwrite, trainer):
         seen.append(overwrite)
         raise StageError("stop here")
 
-    p = SimpleNamespace(cfg=SimpleNamespace(out=str(tmp_path / "bundle"), overwrite=False, data=None),
+    p = SimpleNamespace(cfg=SimpleNamespace(out=str(tmp_path / "bundle"), overwrite=False, data=None), trainer=None,
                         lineage=SimpleNamespace(run=SimpleNamespace(run_dir=tmp_path / "run")))
     (tmp_path / "bundle-runs" / "pruned").mkdir(parents=True)
     (tmp_path / "bundle-runs" / "pruned" / "mine.txt").write_text("mine")
