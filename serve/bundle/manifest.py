@@ -1,7 +1,7 @@
 """The bundle format: a folder an app can use alone, described by `manifest.json`. Standard library only.
 
 This module is what an app (and `serve.runtime`) reads; it imports nothing beyond the standard library and the
-stdlib-only `finetune.errors`, so it works where PyTorch, onnx and numpy are not installed.
+stdlib-only modules of serve.bundle, so it works where PyTorch, onnx and numpy are not installed.
 
 A bundle folder holds:
 
