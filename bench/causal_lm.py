@@ -66,9 +66,10 @@ def zero_shot_worker(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from finetune.evaluation import score_causal_lm
-    from finetune.lm_data import CausalLMCollator, build_lm_splits, prepare_tokenizer
+    from finetune.lm.data import CausalLMCollator, build_lm_splits, prepare_tokenizer
+    from finetune.lm.models import build_causal_lm
     from finetune.loop import resolve_mixed_precision
-    from finetune.models import build_causal_lm, build_tokenizer
+    from finetune.models import build_tokenizer
 
     cfg = load_recipe_config(args)
     tokenizer = prepare_tokenizer(build_tokenizer(cfg.model), cfg.data)

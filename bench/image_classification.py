@@ -50,7 +50,7 @@ def score(model_dir: Path, data: str, batch_size: int) -> dict:
     import torch
     from transformers import AutoModelForImageClassification
 
-    import finetune.vision_models  # noqa: F401  (registers the baselines)
+    import finetune.vision.architectures  # noqa: F401  (registers the baselines)
     from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
 
     task = json.loads((model_dir / "tuneforge.json").read_text())

@@ -69,8 +69,9 @@ def trainer_worker(args: argparse.Namespace) -> None:
     """A plain Trainer on the same tokenized data (built by the same finetune.data code) and the same model."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from finetune.data import TextDataConfig, encode_labels, load_raw_splits, tokenize_splits
-    from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer
+    from finetune.models import ModelConfig, build_tokenizer
+    from finetune.text.data import TextDataConfig, encode_labels, load_raw_splits, tokenize_splits
+    from finetune.text.models import build_sequence_classifier
 
     out = Path(args.worker_trainer)
     data_cfg = TextDataConfig(train=f"{args.data}/train.tsv", eval=f"{args.data}/dev.tsv", text_column="sentence",

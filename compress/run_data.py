@@ -65,7 +65,8 @@ class RunData:
 def _text_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
     from transformers import DataCollatorWithPadding
 
-    from finetune.data import build_dataloaders, encode_labels, tokenize_splits
+    from finetune.data import build_dataloaders
+    from finetune.text.data import encode_labels, tokenize_splits
 
     found, splits = run_data_config(run), text_splits(run)
     if found is None or splits is None:
@@ -83,7 +84,7 @@ def _text_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
 
 
 def _image_loaders(run: Run, batch_size: int) -> tuple[Any, Any]:
-    from finetune.image_data import build_image_dataloaders, prepare_images
+    from finetune.vision.data import build_image_dataloaders, prepare_images
     from serve.bundle.preprocessing import PreprocessingSpec
 
     loaded = image_splits(run)

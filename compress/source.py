@@ -94,7 +94,7 @@ def load_model(run: Run, *, attn_implementation: str | None = "eager") -> Any:
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if run.task == Task.IMAGE_CLASSIFICATION:
         loader = transformers.AutoModelForImageClassification
-        import finetune.vision_models  # noqa: F401 - registers tuneforge's CNN and MLP with the Auto classes
+        import finetune.vision.architectures  # noqa: F401 - registers tuneforge's CNN and MLP with the Auto classes
     else:
         loader = (transformers.AutoModelForCausalLM if run.task == Task.CAUSAL_LM
                   else transformers.AutoModelForSequenceClassification)
@@ -141,7 +141,7 @@ def load_samples(run: Run, *, limit: int, given: list[Any] | None = None) -> Sam
 
 def run_data_config(run: Run) -> tuple[Any, int] | None:
     """The run's text data settings (TextDataConfig, from config.yaml's `data`) and seed, or None without them."""
-    from finetune.data import TextDataConfig
+    from finetune.text.data import TextDataConfig
 
     data = (run.config or {}).get("data")
     if run.task not in TEXT_TASKS or not isinstance(data, dict) or "text_column" not in data:
@@ -154,7 +154,7 @@ def run_data_config(run: Run) -> tuple[Any, int] | None:
 def text_splits(run: Run) -> dict[str, Any] | None:
     """The run's raw text splits ({"train", "eval"}: `datasets.Dataset`s, as the recipe loaded them), loaded once;
     None when the run recorded no text data config."""
-    from finetune.data import load_raw_splits
+    from finetune.text.data import load_raw_splits
 
     found = run_data_config(run)
     if found is None:
@@ -172,7 +172,7 @@ def image_splits(run: Run) -> dict[str, Any] | None:
     if run.task != Task.IMAGE_CLASSIFICATION or not isinstance(data, dict) or "train" not in data:
         return None
     if "image_splits" not in run.cache:
-        from finetune.image_data import ImageDataConfig, load_image_splits
+        from finetune.vision.data import ImageDataConfig, load_image_splits
 
         fields = set(ImageDataConfig.__dataclass_fields__)
         cfg = config_from_dict(ImageDataConfig, {k: v for k, v in data.items() if k in fields}, prefix="data.")

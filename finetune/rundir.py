@@ -88,7 +88,7 @@ def save_model_dir(accelerator: Any, model: Any, processor: Any, path: str | Pat
     The state dict is gathered through the accelerator, so this works under DDP, FSDP and DeepSpeed. A LoRA model
     is saved with its adapters merged: a plain model that loads without peft.
     """
-    from finetune.lora import is_peft_model, merged_adapters
+    from finetune.lm.lora import is_peft_model, merged_adapters
 
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")

@@ -31,11 +31,12 @@ from finetune.config import config_to_dict, parse_config
 from finetune.data import build_dataloaders
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import score_causal_lm
-from finetune.generation import GenerationConfig, write_samples
-from finetune.lm_data import CausalLMCollator, LMDataConfig, build_lm_splits, prepare_tokenizer, render_prompt
+from finetune.lm.data import CausalLMCollator, LMDataConfig, build_lm_splits, prepare_tokenizer, render_prompt
+from finetune.lm.generation import GenerationConfig, write_samples
+from finetune.lm.lora import LoraConfig, apply_lora, count_parameters
+from finetune.lm.models import build_causal_lm
 from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
-from finetune.lora import LoraConfig, apply_lora, count_parameters
-from finetune.models import ModelConfig, build_causal_lm, build_tokenizer
+from finetune.models import ModelConfig, build_tokenizer
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.tracking import flat_hparams

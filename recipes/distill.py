@@ -176,7 +176,8 @@ def text_data(cfg: Config, teacher_run: Any, teacher: torch.nn.Module, accelerat
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    from finetune.data import TextDataConfig, build_dataloaders, encode_labels, load_raw_splits, tokenize_splits
+    from finetune.data import build_dataloaders
+    from finetune.text.data import TextDataConfig, encode_labels, load_raw_splits, tokenize_splits
 
     data = config_from_dict(TextDataConfig, cfg.data, prefix="data.")
     tokenizer = load_tokenizer(teacher_run)
@@ -198,8 +199,8 @@ def text_data(cfg: Config, teacher_run: Any, teacher: torch.nn.Module, accelerat
 
 def image_data(cfg: Config, teacher_run: Any, teacher: torch.nn.Module, accelerator: Any) -> tuple:
     """Train / eval loaders of the teacher's images, preprocessed as for the teacher; the augmenter."""
-    from finetune.image_augment import AugmentConfig, BatchAugmenter
-    from finetune.image_data import ImageDataConfig, build_image_dataloaders, load_image_splits, prepare_images
+    from finetune.vision.augment import AugmentConfig, BatchAugmenter
+    from finetune.vision.data import ImageDataConfig, build_image_dataloaders, load_image_splits, prepare_images
     from serve.bundle.preprocessing import PreprocessingSpec, normalize
 
     data = config_from_dict(ImageDataConfig, cfg.data, prefix="data.")
@@ -236,13 +237,9 @@ def student_layers(cfg: Config, teacher: torch.nn.Module) -> list[int]:
 
 def build_student(cfg: Config, teacher: torch.nn.Module, teacher_run: Any) -> torch.nn.Module:
     """The teacher's blocks `student.layers` (default every other one), or the model `student.name_or_path`."""
-    from finetune.models import (
-        ImageModelConfig,
-        ModelConfig,
-        build_image_classifier,
-        build_sequence_classifier,
-        build_tokenizer,
-    )
+    from finetune.models import ModelConfig, build_tokenizer
+    from finetune.text.models import build_sequence_classifier
+    from finetune.vision.models import ImageModelConfig, build_image_classifier
     from serve.bundle.preprocessing import PreprocessingSpec
 
     names, name = teacher_run.record.label_names, cfg.student.name_or_path

@@ -27,20 +27,20 @@ from finetune.checkpoint import (
 from finetune.config import config_to_dict, parse_config
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import predict, score_classifier
-from finetune.image_augment import AugmentConfig, BatchAugmenter
-from finetune.image_data import (
+from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
+from finetune.optim import OptimConfig, build_optimizer, build_scheduler
+from finetune.plots import plot_misclassified
+from finetune.rundir import MODEL_DIR, save_model_dir
+from finetune.tracking import flat_hparams
+from finetune.vision.augment import AugmentConfig, BatchAugmenter
+from finetune.vision.data import (
     ImageDataConfig,
     build_image_dataloaders,
     load_image_splits,
     prepare_images,
     resolve_preprocessing,
 )
-from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
-from finetune.models import ImageModelConfig, build_image_classifier, pretrained_preprocessing
-from finetune.optim import OptimConfig, build_optimizer, build_scheduler
-from finetune.plots import plot_misclassified
-from finetune.rundir import MODEL_DIR, save_model_dir
-from finetune.tracking import flat_hparams
+from finetune.vision.models import ImageModelConfig, build_image_classifier, pretrained_preprocessing
 from serve.bundle.records import RunRecord
 from serve.bundle.tasks import Task
 

@@ -24,13 +24,15 @@ from finetune.checkpoint import (
     stopped_early,
 )
 from finetune.config import config_to_dict, parse_config
-from finetune.data import TextDataConfig, build_dataloaders, encode_labels, load_raw_splits, tokenize_splits
+from finetune.data import build_dataloaders
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import predict, score_classifier, score_regressor
 from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
-from finetune.models import ModelConfig, build_sequence_classifier, build_tokenizer, fit_max_length
+from finetune.models import ModelConfig, build_tokenizer
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
+from finetune.text.data import TextDataConfig, encode_labels, load_raw_splits, tokenize_splits
+from finetune.text.models import build_sequence_classifier, fit_max_length
 from finetune.tracking import flat_hparams
 from serve.bundle.records import RunRecord
 from serve.bundle.tasks import Task

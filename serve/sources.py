@@ -195,7 +195,7 @@ def image_examples(source: Source, folder: Path, limit: int = EXAMPLES) -> list[
 
         from compress.source import read_run
         from finetune.config import config_from_dict
-        from finetune.image_data import ImageDataConfig, load_image_splits
+        from finetune.vision.data import ImageDataConfig, load_image_splits
 
         run = read_run(run_dir)
         fields = ImageDataConfig.__dataclass_fields__

@@ -12,15 +12,9 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding
 
-from finetune.data import (
-    EpochSampler,
-    TextDataConfig,
-    build_dataloaders,
-    encode_labels,
-    load_raw_splits,
-    tokenize_splits,
-)
+from finetune.data import EpochSampler, build_dataloaders
 from finetune.errors import DataError
+from finetune.text.data import TextDataConfig, encode_labels, load_raw_splits, tokenize_splits
 
 ROWS = [
     {"text": 'he said "great" twice', "label": "positive"},

@@ -52,7 +52,7 @@ def reloaded_logits(run_dir: Path, npz: Path) -> tuple[torch.Tensor, torch.Tenso
     both fed by the torch-free preprocessing that serving uses; and tuneforge.json."""
     from transformers import AutoModelForImageClassification
 
-    import finetune.vision_models  # noqa: F401  (registers the baselines)
+    import finetune.vision.architectures  # noqa: F401  (registers the baselines)
 
     task = json.loads((run_dir / "model" / "tuneforge.json").read_text())
     pixel_values = torch.from_numpy(preprocess_batch(list(np.load(npz)["x_test"]),

@@ -1,4 +1,4 @@
-"""finetune.image_data and finetune.image_augment: every loader, labels, preprocessing, batches, augmentation."""
+"""finetune.vision.data and finetune.vision.augment: every loader, labels, preprocessing, batches, augmentation."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from conftest import SHAPES, make_shape_images
 from PIL import Image
 
 from finetune.errors import ConfigError, DataError
-from finetune.image_augment import AugmentConfig, BatchAugmenter
-from finetune.image_data import (
+from finetune.vision.augment import AugmentConfig, BatchAugmenter
+from finetune.vision.data import (
     ImageDataConfig,
     ImageSet,
     build_image_dataloaders,

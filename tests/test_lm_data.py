@@ -1,4 +1,4 @@
-"""finetune.lm_data: packing text into blocks, the held-out tail, response-only masking, padding, bad input."""
+"""finetune.lm.data: packing text into blocks, the held-out tail, response-only masking, padding, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import CHAT_TEMPLATE, LM_TEXT
 
 from finetune.errors import DataError
-from finetune.lm_data import (
+from finetune.lm.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     CausalLMCollator,

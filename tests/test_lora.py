@@ -1,4 +1,4 @@
-"""finetune.lora: only adapters train; merging reproduces the adapted model and leaves it unchanged."""
+"""finetune.lm.lora: only adapters train; merging reproduces the adapted model and leaves it unchanged."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finetune.errors import ConfigError
-from finetune.lora import LoraConfig, apply_lora, count_parameters, is_peft_model, merged_adapters
+from finetune.lm.lora import LoraConfig, apply_lora, count_parameters, is_peft_model, merged_adapters
 
 
 def adapted(folder, **overrides):

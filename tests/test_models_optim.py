@@ -12,17 +12,10 @@ import pytest
 import torch
 
 from finetune.errors import ModelError
-from finetune.models import (
-    EMBEDDED_MODELS,
-    ModelConfig,
-    build_causal_lm,
-    build_sequence_classifier,
-    build_tokenizer,
-    fit_max_length,
-    model_cache_dir,
-    resolve_model_source,
-)
+from finetune.lm.models import build_causal_lm
+from finetune.models import EMBEDDED_MODELS, ModelConfig, build_tokenizer, model_cache_dir, resolve_model_source
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler, warmup_steps
+from finetune.text.models import build_sequence_classifier, fit_max_length
 
 # --- model sources ------------------------------------------------------------------------------------------
 

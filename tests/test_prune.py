@@ -172,7 +172,7 @@ def test_global_scope_ranks_units_across_layers(tiny_bert: Path):
 # --- CNNs ---------------------------------------------------------------------------------------------------------
 
 def simple_cnn():
-    from finetune.vision_models import SimpleCNNConfig, SimpleCNNForImageClassification
+    from finetune.vision.architectures import SimpleCNNConfig, SimpleCNNForImageClassification
 
     torch.manual_seed(0)
     config = SimpleCNNConfig(num_channels=1, image_size=[12, 12], conv_channels=[[8, 8], [16]], hidden_sizes=[24],

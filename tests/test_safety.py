@@ -17,11 +17,11 @@ from compress.pipeline import transform_stage
 from compress.prune import PruneConfig, prune_run
 from finetune.checkpoint import CheckpointConfig, EarlyStoppingConfig
 from finetune.config import config_from_dict
-from finetune.data import TextDataConfig
 from finetune.errors import ConfigError
-from finetune.image_data import ImageDataConfig
 from finetune.loop import TrainConfig
 from finetune.optim import OptimConfig
+from finetune.text.data import TextDataConfig
+from finetune.vision.data import ImageDataConfig
 from serve.bundle.folders import RUN_MARKER, read_run_marker, write_run_marker
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.models import ModelConfig, build_sequence_classifier
+from finetune.models import ModelConfig
 from finetune.shapes import SHAPES_KEY, from_pretrained, record_shapes_, shape_record
+from finetune.text.models import build_sequence_classifier
 
 
 def tiny_bert(num_labels: int = 2):

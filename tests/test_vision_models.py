@@ -1,4 +1,4 @@
-"""finetune.vision_models and finetune.models.build_image_classifier: baselines as transformers models."""
+"""finetune.vision.architectures and finetune.models.build_image_classifier: baselines as transformers models."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForImageClassification, ResNetForImageClassification
 
 from finetune.errors import ModelError
-from finetune.models import ImageModelConfig, build_image_classifier, pretrained_preprocessing
-from finetune.vision_models import (
+from finetune.vision.architectures import (
     MLPConfig,
     MLPForImageClassification,
     SimpleCNNConfig,
     SimpleCNNForImageClassification,
 )
+from finetune.vision.models import ImageModelConfig, build_image_classifier, pretrained_preprocessing
 
 LABELS = ["bar", "column", "box"]
 

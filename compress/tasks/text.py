@@ -72,7 +72,7 @@ class TextClassifierExport(TaskExport):
 
     def _split(self, name: str) -> tuple[list[str], list[str] | None, np.ndarray] | None:
         """Texts, pairs and label ids (or values) of one split, labelled as the recipe did."""
-        from finetune.data import encode_labels
+        from finetune.text.data import encode_labels
 
         found, splits = run_data_config(self.run), text_splits(self.run)
         if found is None or splits is None:

@@ -1,0 +1,1 @@
+"""Causal LMs: data (text blocks, instructions), models, LoRA, sampling."""

@@ -1,0 +1,1 @@
+"""Image classification: data, augmentation, baseline architectures and models."""
