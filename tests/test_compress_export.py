@@ -68,7 +68,7 @@ def test_text_bundle_structure_parity_and_manifest(text_bundle: Path, text_run: 
     assert data["labels"] == ["negative", "positive"] and data["default_variant"] == "optimized"
     # The YAML's max_length 96, capped by the recipe at the tiny BERT's 64 positions.
     assert data["tokenizer"]["padding_side"] == "right" and data["tokenizer"]["max_length"] == 64
-    assert data["source_run"]["path"] == str(text_run.resolve())
+    assert (text_bundle / data["source_run"]["path"]).resolve() == text_run.resolve()  # relative: no builder's path
 
     fp32 = manifest.variants["fp32"]
     graph = fp32["graphs"]["model"]

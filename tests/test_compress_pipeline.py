@@ -196,7 +196,8 @@ def test_prune_and_distill_stages_put_three_models_in_one_report(text_run: Path,
                                        "distilled-fp32"]
     pruned, distilled = manifest.variants["pruned-fp32"]["derived"], manifest.variants["distilled-fp32"]["derived"]
     assert pruned["stage"] == "pruned" and distilled["stage"] == "distilled"
-    assert pruned["from"] == distilled["from"] == str(text_run.resolve())  # both from the source run
+    assert pruned["from"] == distilled["from"]  # both from the source run, by its path relative to the bundle
+    assert (out / pruned["from"]).resolve() == text_run.resolve()
     sizes = {name: v["size_bytes"] for name, v in manifest.variants.items()}
     assert sizes["pruned-fp32"] < sizes["fp32"] and sizes["distilled-fp32"] < sizes["fp32"]
     report = json.loads((out / "report.json").read_text())

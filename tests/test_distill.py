@@ -112,7 +112,7 @@ def test_text_distillation_from_the_shipped_yaml_lowers_the_loss(teacher_run: Pa
     assert meta["task"] == "text-classification" and meta["label_names"] == ["negative", "positive"]
     record = meta["distillation"]
     assert record["student"] == {"teacher_layers": [1]} and record["alpha"] == 0.5 and record["temperature"] == 2.0
-    assert record["teacher"] == str(teacher_run.resolve()) and meta["num_parameters"] < record["teacher_parameters"]
+    assert record["teacher"] == teacher_run.name and meta["num_parameters"] < record["teacher_parameters"]
     student = load_model(read_run(out))
     assert student.config.num_hidden_layers == 1
     # config.yaml holds the teacher's data settings, resolved: export and pruning read the eval split from it.
