@@ -12,10 +12,11 @@ from typing import Any
 
 from compress.parity import ParityConfig
 from compress.source import Run, Samples
-from compress.tasks.base import EvalData, Feeds, Predict, TaskExport, tokenizer_section, write_tokenizer
+from compress.tasks.base import EvalData, Feeds, Predict, TaskExport
 from compress.tasks.causal_lm import CausalLMExport
 from compress.tasks.image import ImageClassifierExport
 from compress.tasks.text import TextClassifierExport
+from compress.tasks.tokenizer import tokenizer_section, write_tokenizer
 from serve.bundle.tasks import Task
 
 __all__ = ["EvalData", "Feeds", "Predict", "TaskExport", "prepare_task", "tokenizer_section", "write_tokenizer"]

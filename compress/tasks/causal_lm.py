@@ -11,26 +11,11 @@ from typing import Any
 import numpy as np
 
 from compress.errors import ExportError
-from compress.export import (
-    LM_INPUTS,
-    Graph,
-    cache_layout,
-    export_causal_lm,
-    export_decoder,
-    forward_input_names,
-)
+from compress.export import LM_INPUTS, Graph, cache_layout, export_causal_lm, export_decoder, forward_input_names
 from compress.parity import Case, ParityConfig
 from compress.source import Run, Samples, load_tokenizer
-from compress.tasks.base import (
-    EvalData,
-    Feeds,
-    TaskExport,
-    check_tokenization,
-    length_cases,
-    tokenizer_section,
-    with_pad_column,
-    write_tokenizer,
-)
+from compress.tasks.base import EvalData, Feeds, TaskExport, length_cases
+from compress.tasks.tokenizer import check_tokenization, tokenizer_section, with_pad_column, write_tokenizer
 from serve.bundle.decoding import empty_past
 from serve.bundle.inputs import encode_texts, position_ids
 

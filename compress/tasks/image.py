@@ -9,10 +9,7 @@ from typing import Any
 import numpy as np
 
 from compress.errors import ExportError
-from compress.export import (
-    Graph,
-    export_classifier,
-)
+from compress.export import Graph, export_classifier
 from compress.parity import Case, ParityConfig
 from compress.source import Run, Samples, image_splits
 from compress.tasks.base import EvalData, Feeds, TaskExport
@@ -66,8 +63,7 @@ class ImageClassifierExport(TaskExport):
     def calibration_inputs(self, count: int) -> tuple[list[Feeds], str]:
         found = self._pixels("train")
         if found is None:
-            raise ExportError(f"{self.run.run_dir} recorded no train data (config.yaml `data`); static quantization "
-                              "calibrates on it: set the compress config's `data` overrides, or quantize dynamically")
+            raise self.no_train_data()
         pixels, _ = found
         pick = np.sort(np.random.default_rng(self.run.seed).permutation(len(pixels))[:count])
         return ([{"pixel_values": normalize(pixels[i:i + 1], self.spec)} for i in pick],

@@ -8,25 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from compress.errors import ExportError
-from compress.export import (
-    TEXT_INPUTS,
-    Graph,
-    export_classifier,
-    forward_input_names,
-)
+from compress.export import TEXT_INPUTS, Graph, export_classifier, forward_input_names
 from compress.parity import ParityConfig
 from compress.source import Run, Samples, load_tokenizer, run_data_config, text_splits
-from compress.tasks.base import (
-    EvalData,
-    Feeds,
-    TaskExport,
-    check_tokenization,
-    length_cases,
-    tokenizer_section,
-    with_pad_column,
-    write_tokenizer,
-)
+from compress.tasks.base import EvalData, Feeds, TaskExport, length_cases
+from compress.tasks.tokenizer import check_tokenization, tokenizer_section, with_pad_column, write_tokenizer
 from serve.bundle.inputs import encode_texts
 from serve.bundle.tasks import Task
 
@@ -108,8 +94,7 @@ class TextClassifierExport(TaskExport):
     def calibration_inputs(self, count: int) -> tuple[list[Feeds], str]:
         found = self._split("train")
         if found is None:
-            raise ExportError(f"{self.run.run_dir} recorded no train data (config.yaml `data`); static quantization "
-                              "calibrates on it: set the compress config's `data` overrides, or quantize dynamically")
+            raise self.no_train_data()
         texts, pairs, _ = found
         pick = np.sort(np.random.default_rng(self.run.seed).permutation(len(texts))[:count])
         return [self._encode(texts, pairs, [i]) for i in pick], f"train split ({len(pick)} of {len(texts)} rows)"
