@@ -1,13 +1,12 @@
 """Serve a run directory through PyTorch (the demo's baseline next to a bundle's ONNX variants).
 
 The predictors are the runtime's own (serve.predictors, serve.generation) with a PyTorch forward plugged in, and the
-tokenizer is the one export writes into bundles (compress.tasks.write_tokenizer), so a run directory and its bundle
+tokenizer is the one export writes into bundles (compress.tasks.bundle_tokenizer), so a run directory and its bundle
 tokenize and post-process identically; only the model differs. Needs the train extra (torch, transformers).
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
 
     from compress.export import LM_INPUTS, TEXT_INPUTS, forward_input_names
     from compress.source import load_model, load_tokenizer, read_run
-    from compress.tasks import write_tokenizer
+    from compress.tasks import bundle_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -42,20 +41,19 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
         return ImageClassifier(PreprocessingSpec.from_dict(record.preprocessing), _forward(model),
                                labels=record.label_names, batching=batching, name=name)
     hf = load_tokenizer(run)
-    with tempfile.TemporaryDirectory() as tmp:
-        if run.task in TEXT_TASKS:
-            max_length = int(record.max_length or hf.model_max_length)
-            tokenizer = write_tokenizer(hf, Path(tmp), padding_side=hf.padding_side, max_length=max_length)
-            return TextClassifier(tokenizer, _forward(model),
-                                  input_names=forward_input_names(model, TEXT_INPUTS,
-                                                                  tokenizer_inputs=hf.model_input_names),
-                                  labels=record.label_names, task=run.task, max_length=max_length,
-                                  pair_column=record.text_pair_column, batching=batching, name=name)
-        config = model.generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else hf.eos_token_id
-        pad = next(p for p in (config.pad_token_id, hf.pad_token_id, eos[0] if isinstance(eos, list) else eos)
-                   if p is not None)
-        tokenizer = write_tokenizer(hf, Path(tmp), padding_side="left", max_length=None, pad_token_id=pad)
+    if run.task in TEXT_TASKS:
+        max_length = int(record.max_length or hf.model_max_length)
+        tokenizer = bundle_tokenizer(hf, padding_side=hf.padding_side, max_length=max_length)
+        return TextClassifier(tokenizer, _forward(model),
+                              input_names=forward_input_names(model, TEXT_INPUTS,
+                                                              tokenizer_inputs=hf.model_input_names),
+                              labels=record.label_names, task=run.task, max_length=max_length,
+                              pair_column=record.text_pair_column, batching=batching, name=name)
+    config = model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else hf.eos_token_id
+    pad = next(p for p in (config.pad_token_id, hf.pad_token_id, eos[0] if isinstance(eos, list) else eos)
+               if p is not None)
+    tokenizer = bundle_tokenizer(hf, padding_side="left", max_length=None, pad_token_id=pad)
     special = {f"{kind}_token": getattr(hf, f"{kind}_token") for kind in ("bos", "eos", "pad")
                if getattr(hf, f"{kind}_token", None) is not None}
     return TextGenerator(tokenizer, torch_step(model, forward_input_names(model, LM_INPUTS)),

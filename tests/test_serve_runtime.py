@@ -149,11 +149,12 @@ def test_real_minilm_tokenizer_matches_transformers(tmp_path: Path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from compress.tasks import write_tokenizer
+    from compress.tasks import bundle_tokenizer
+    from compress.tasks.tokenizer import write_tokenizer
     from serve.predictors import TextClassifier
 
     hf = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
-    write_tokenizer(hf, tmp_path, padding_side="right", max_length=64)  # what export writes into a bundle
+    write_tokenizer(bundle_tokenizer(hf, padding_side="right", max_length=64), tmp_path)  # what export writes
     classifier = TextClassifier(Tokenizer.from_file(str(tmp_path / "tokenizer.json")), lambda feeds: None,
                                 input_names=["input_ids", "attention_mask", "token_type_ids"], labels=None,
                                 max_length=64)

@@ -16,10 +16,10 @@ from compress.tasks.base import EvalData, Feeds, Predict, TaskExport
 from compress.tasks.causal_lm import CausalLMExport
 from compress.tasks.image import ImageClassifierExport
 from compress.tasks.text import TextClassifierExport
-from compress.tasks.tokenizer import tokenizer_section, write_tokenizer
+from compress.tasks.tokenizer import bundle_tokenizer, tokenizer_section
 from serve.bundle.tasks import Task
 
-__all__ = ["EvalData", "Feeds", "Predict", "TaskExport", "prepare_task", "tokenizer_section", "write_tokenizer"]
+__all__ = ["EvalData", "Feeds", "Predict", "TaskExport", "bundle_tokenizer", "prepare_task", "tokenizer_section"]
 
 # One exporter per task: a new task is a new module here and one line in this table.
 EXPORTERS: dict[Task, type[TaskExport]] = {
@@ -31,5 +31,7 @@ EXPORTERS: dict[Task, type[TaskExport]] = {
 
 
 def prepare_task(run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig) -> TaskExport:
-    """Write the task's assets into `stage` and build its parity cases."""
-    return EXPORTERS[run.task](run, model, stage, samples, parity)
+    """The task's exporter (its parity cases built, nothing written), with its assets written into `stage`."""
+    exporter = EXPORTERS[run.task](run, model, samples, parity)
+    exporter.write_assets(stage)
+    return exporter

@@ -62,6 +62,9 @@ class TaskExport:
     primary_metric = ("accuracy", True)  # (the metric the gates compare by default, higher is better)
     input_names: list[str]
 
+    def write_assets(self, stage: Path) -> None:
+        """Write the task's files other than graphs (tokenizer.json) into the bundle folder `stage`."""
+
     def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
         raise NotImplementedError
 

@@ -15,7 +15,13 @@ from compress.export import LM_INPUTS, Graph, cache_layout, export_causal_lm, ex
 from compress.parity import Case, ParityConfig
 from compress.source import Run, Samples, load_tokenizer
 from compress.tasks.base import EvalData, Feeds, TaskExport, length_cases
-from compress.tasks.tokenizer import check_tokenization, tokenizer_section, with_pad_column, write_tokenizer
+from compress.tasks.tokenizer import (
+    bundle_tokenizer,
+    check_tokenization,
+    tokenizer_section,
+    with_pad_column,
+    write_tokenizer,
+)
 from serve.bundle.decoding import empty_past
 from serve.bundle.inputs import encode_texts, position_ids
 
@@ -26,7 +32,7 @@ LM_EVAL_BATCH = 4
 
 
 class CausalLMExport(TaskExport):
-    def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
+    def __init__(self, run: Run, model: Any, samples: Samples, parity: ParityConfig):
         super().__init__(run, model, samples, parity)
         hf = load_tokenizer(run)
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
@@ -34,7 +40,7 @@ class CausalLMExport(TaskExport):
         pad = next(p for p in (model.generation_config.pad_token_id, hf.pad_token_id,
                                eos[0] if isinstance(eos, list) else eos) if p is not None)
         self.generation_ids = {"eos_token_id": eos, "pad_token_id": pad}
-        self.tokenizer = write_tokenizer(hf, stage, padding_side="left", max_length=None, pad_token_id=pad)
+        self.tokenizer = bundle_tokenizer(hf, padding_side="left", max_length=None, pad_token_id=pad)
         self.input_names = forward_input_names(model, LM_INPUTS)
         self.cache = cache_layout(model)
         texts = [t.strip()[:LM_SAMPLE_CHARS] for t in samples.texts]
@@ -62,6 +68,9 @@ class CausalLMExport(TaskExport):
                                for c in length_cases(encode, lengths, parity.batch_sizes)]
         self.prompts = [{k: c.feeds[k] for k in ("input_ids", "attention_mask")} for c in self.cases["model"]]
         self.example = with_pad_column(self.cases["model"][-1].feeds, pad, side="left")
+
+    def write_assets(self, stage: Path) -> None:
+        write_tokenizer(self.tokenizer, stage)
 
     def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
         plain = export_causal_lm(self.model, stage / f"{variant}.onnx", example=self.example,

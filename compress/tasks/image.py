@@ -21,7 +21,7 @@ IMAGE_EVAL_BATCH = 256
 
 
 class ImageClassifierExport(TaskExport):
-    def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
+    def __init__(self, run: Run, model: Any, samples: Samples, parity: ParityConfig):
         super().__init__(run, model, samples, parity)
         self.fusion_args["model_type"] = None  # no transformer fusions for CNNs; ORT's own (Conv+BN, Conv+Relu) apply
         spec = run.record.preprocessing

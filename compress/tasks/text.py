@@ -12,7 +12,13 @@ from compress.export import TEXT_INPUTS, Graph, export_classifier, forward_input
 from compress.parity import ParityConfig
 from compress.source import Run, Samples, load_tokenizer, run_data_config, text_splits
 from compress.tasks.base import EvalData, Feeds, TaskExport, length_cases
-from compress.tasks.tokenizer import check_tokenization, tokenizer_section, with_pad_column, write_tokenizer
+from compress.tasks.tokenizer import (
+    bundle_tokenizer,
+    check_tokenization,
+    tokenizer_section,
+    with_pad_column,
+    write_tokenizer,
+)
 from serve.bundle.inputs import encode_texts
 from serve.bundle.tasks import Task
 
@@ -22,11 +28,11 @@ EVAL_BATCH = 64
 
 
 class TextClassifierExport(TaskExport):
-    def __init__(self, run: Run, model: Any, stage: Path, samples: Samples, parity: ParityConfig):
+    def __init__(self, run: Run, model: Any, samples: Samples, parity: ParityConfig):
         super().__init__(run, model, samples, parity)
         hf = load_tokenizer(run)
         max_length = int(run.record.max_length or hf.model_max_length)
-        self.tokenizer = write_tokenizer(hf, stage, padding_side=hf.padding_side, max_length=max_length)
+        self.tokenizer = bundle_tokenizer(hf, padding_side=hf.padding_side, max_length=max_length)
         self.input_names = forward_input_names(model, TEXT_INPUTS, tokenizer_inputs=hf.model_input_names)
         check_tokenization(hf, self.tokenizer, samples.texts, samples.pairs, max_length=max_length,
                             padding_side=hf.padding_side)
@@ -47,6 +53,9 @@ class TextClassifierExport(TaskExport):
         lengths = [int(encode([i])["attention_mask"].sum()) for i in range(len(texts))]
         self.cases["model"] = length_cases(encode, lengths, parity.batch_sizes)
         self.example = with_pad_column(self.cases["model"][-1].feeds, hf.pad_token_id, side=hf.padding_side)
+
+    def write_assets(self, stage: Path) -> None:
+        write_tokenizer(self.tokenizer, stage)
 
     def export(self, stage: Path, variant: str, *, opset: int) -> list[Graph]:
         return [export_classifier(self.model, stage / f"{variant}.onnx", example=self.example,

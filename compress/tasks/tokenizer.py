@@ -17,9 +17,9 @@ from serve.bundle.manifest import TOKENIZER_FILE
 logger = logging.getLogger(__name__)
 
 
-def write_tokenizer(hf: Any, stage: Path, *, padding_side: str, max_length: int | None,
-                    pad_token_id: int | None = None) -> Any:
-    """Save the fast tokenizer's `tokenizers` object with training's truncation and padding set in the file."""
+def bundle_tokenizer(hf: Any, *, padding_side: str, max_length: int | None, pad_token_id: int | None = None) -> Any:
+    """The fast tokenizer's `tokenizers` object with training's truncation and padding set, exactly as the bundle's
+    tokenizer.json will hold it (read back from its serialized form)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
@@ -30,8 +30,12 @@ def write_tokenizer(hf: Any, stage: Path, *, padding_side: str, max_length: int 
     pad_id = hf.pad_token_id if pad_token_id is None else pad_token_id
     tokenizer.enable_padding(direction=padding_side, pad_id=pad_id, pad_type_id=hf.pad_token_type_id,
                              pad_token=hf.convert_ids_to_tokens(pad_id))
+    return Tokenizer.from_str(tokenizer.to_str())
+
+
+def write_tokenizer(tokenizer: Any, stage: Path) -> None:
+    """Write the bundle's tokenizer.json."""
     tokenizer.save(str(stage / TOKENIZER_FILE))
-    return Tokenizer.from_file(str(stage / TOKENIZER_FILE))
 
 
 def tokenizer_section(hf: Any, *, max_length: int | None, padding_side: str,
