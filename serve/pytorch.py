@@ -17,7 +17,7 @@ from compress.decoding import Step
 from finetune.image_preprocessing import PreprocessingSpec
 from serve.batching import BatchingConfig
 from serve.generation import GenerationSettings, TextGenerator
-from serve.predictors import Forward, ImageClassifier, TextClassifier
+from serve.predictors import Forward, ImageClassifier, TextClassifier, check_threads
 
 TEXT_TASKS = ("text-classification", "text-regression")
 
@@ -34,6 +34,7 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
     from compress.source import load_model, load_tokenizer, read_run
     from compress.tasks import write_tokenizer
 
+    threads = check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     run = read_run(run_dir)
