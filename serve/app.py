@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                           batching=BatchingConfig(args.max_batch_size, args.max_wait_ms),
                           max_upload_mb=args.max_upload_mb)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, docker stop, systemd: stop as Ctrl-C does, deleting uploads
+    started = time.time()
     try:
         # gradio refuses uploads over twice the limit outright; between 1x and 2x the demo says why (friendlier).
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
@@ -377,8 +378,22 @@ def main(argv: list[str] | None = None) -> None:
                     max_file_size=int(2 * args.max_upload_mb * 1e6), footer_links=["api"])
     finally:
         demo.close(verbose=False)
+        _remove_leaked_temp_files(Path(demo.GRADIO_CACHE), since=started)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGTERM handler: Gradio's launch() stops its server cleanly (running delete_cache) on KeyboardInterrupt."""
     raise KeyboardInterrupt
+
+
+def _remove_leaked_temp_files(cache: Path, *, since: float) -> None:
+    """Remove the empty temp files (tmpXXXXXXXX) Gradio left in its cache while the demo ran: gr.File(type=
+    "filepath") opens one per request and never uses or deletes it (Gradio 6.31). The uploads themselves, and the
+    images the demo returned, are deleted by delete_cache."""
+    for path in cache.glob("tmp*"):
+        try:
+            info = path.stat()
+            if path.is_file() and info.st_size == 0 and info.st_mtime >= since:
+                path.unlink()
+        except OSError:  # gone already, or not ours to remove
+            continue
