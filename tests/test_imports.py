@@ -18,7 +18,8 @@ COMPRESS_SUBMODULES = ["manifest", "errors", "inputs", "decoding", "source", "ex
 # What serve.runtime may import (no torch, transformers or datasets).
 TORCH_FREE = ["compress.manifest", "compress.inputs", "compress.decoding", "finetune.image_preprocessing",
               "serve.runtime", "serve.predictors", "serve.generation", "serve.batching", "serve.sketch"]
-SERVE_SUBMODULES = ["errors", "batching", "predictors", "generation", "runtime", "pytorch", "sources", "sketch", "app"]
+SERVE_SUBMODULES = ["errors", "batching", "predictors", "generation", "runtime", "pytorch", "sources", "sketch",
+                    "login", "app"]
 # evaluate imports transformers.pipelines (seconds per process): only finetune.metrics.load_metric imports it.
 HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf", "evaluate"]
 
