@@ -107,6 +107,7 @@ recorded then: `python -m compress verify BUNDLE --expect DIGEST`, `serve.runtim
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -480,20 +481,27 @@ def _validate_causal_lm(manifest: Manifest, fail: Fail) -> None:
             fail(f"cache {key} must be a positive integer, got {cache.get(key)!r}")
     if cache.get("dtype") not in CACHE_DTYPES:
         fail(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache.get('dtype')!r}")
-    names = {}
-    for key in ("past_key", "past_value", "present_key", "present_value"):
-        pattern = cache.get(key)
+    patterns = [cache.get(key) for key in ("past_key", "past_value", "present_key", "present_value")]
+    for key, pattern in zip(("past_key", "past_value", "present_key", "present_value"), patterns, strict=True):
         if not isinstance(pattern, str) or "{i}" not in pattern:
             fail(f"cache {key} must be a tensor name pattern with {{i}} (e.g. 'past_key_values.{{i}}.key'), got "
                  f"{pattern!r}")
-        names[key] = [pattern.replace("{i}", str(i)) for i in range(cache["num_layers"])]
     for name, variant in manifest.variants.items():
         decoder = variant["graphs"]["decoder"]
         have = {t["name"] for t in decoder["inputs"]} | {t["name"] for t in decoder["outputs"]}
-        lacking = [n for n in ["logits", *(n for group in names.values() for n in group)] if n not in have]
-        if lacking:
-            fail(f"variant {name!r}: the decoder graph has no tensor {lacking[0]!r}, which 'cache' names "
+        # Lazily, layer by layer: a manifest claiming 10**9 layers fails at the first missing name.
+        wanted = itertools.chain(["logits"], (p.replace("{i}", str(i)) for i in range(cache["num_layers"])
+                                              for p in patterns))
+        lacking = next((n for n in wanted if n not in have), None)
+        if lacking is not None:
+            fail(f"variant {name!r}: the decoder graph has no tensor {lacking!r}, which 'cache' names "
                  f"({cache['num_layers']} layers)")
+        layer = re.compile("|".join(re.escape(p).replace(r"\{i\}", r"(\d+)") for p in patterns[:2]))
+        extra = [t["name"] for t in decoder["inputs"] if (m := layer.fullmatch(t["name"]))
+                 and int(next(g for g in m.groups() if g is not None)) >= cache["num_layers"]]
+        if extra:
+            fail(f"variant {name!r}: the decoder graph takes {extra[0]!r} but 'cache' has only "
+                 f"{cache['num_layers']} layers")
     if not isinstance(generation, dict):
         fail(f"a causal-lm bundle needs 'generation' (defaults, pad_token_id, eos_token_id), got {generation!r}")
     for key, value in generation.items():
