@@ -115,6 +115,7 @@ import os
 import platform
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -129,7 +130,6 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 TASKS = ("text-classification", "text-regression", "causal-lm", "image-classification")
 # ISA extensions that decide which int8 / fp32 kernels ONNX Runtime can use (names as in /proc/cpuinfo).
-CLASSIFIERS = ("text-classification", "image-classification")  # tasks whose logits are one score per label
 # ONNX Runtime's GraphOptimizationLevel names and the SessionOptions a variant's `session` entry may set.
 ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL")
 SESSION_KEYS = ("graph_optimization_level", "disabled_optimizers")
@@ -361,7 +361,7 @@ def validate_manifest(manifest: Manifest) -> None:
     if labels is not None:
         if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels):
             fail(f"'labels' must be a non-empty list of label names or null, got {labels!r}")
-        repeated = sorted({n for n in labels if labels.count(n) > 1})
+        repeated = sorted(n for n, count in Counter(labels).items() if count > 1)
         if repeated:
             fail(f"'labels' repeats {repeated}: each class needs its own name")
     for name, variant in data["variants"].items():
@@ -406,18 +406,14 @@ def _validate_variant(manifest: Manifest, name: str, variant: dict[str, Any], fa
             fail(f"variant {name!r}: session disabled_optimizers must be a list of optimizer names, got {disabled!r}")
     if manifest.task == "causal-lm":
         return
-    logits = _tensor(graphs["model"]["outputs"], "logits")
-    width = logits["shape"][-1] if logits["shape"] else None
+    shape = graphs["model"]["outputs"][0]["shape"]  # the runtime reads the first output: logits [batch, labels]
+    width = shape[-1] if shape else None
     labels = manifest.data.get("labels")
     want = 1 if manifest.task == "text-regression" else len(labels) if labels else None
     if _is_int(width) and want is not None and width != want:
-        what = "one value (regression)" if manifest.task == "text-regression" else f"{want} labels {labels}"
+        what = "one value (regression)" if manifest.task == "text-regression" else \
+            f"{want} labels {labels}" if want <= 10 else f"{want} labels"
         fail(f"variant {name!r} outputs {width} logits per input but the manifest has {what}")
-
-
-def _tensor(tensors: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    """The tensor called `name`, else the first (the runtime reads a graph's first output)."""
-    return next((t for t in tensors if t["name"] == name), tensors[0])
 
 
 def _validate_preprocessing(manifest: Manifest, fail: Fail) -> None:
