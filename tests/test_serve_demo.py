@@ -237,7 +237,8 @@ def test_failed_logins_are_slowed_one_at_a_time_then_locked_out(caplog: pytest.L
     from serve.login import LoginThrottle
 
     now = [0.0]
-    throttle = LoginThrottle("ada", "secret", delay_s=0.05, max_failures=10, lockout_s=60, clock=lambda: now[0])
+    delay = 0.2
+    throttle = LoginThrottle("ada", "secret", delay_s=delay, max_failures=10, lockout_s=60, clock=lambda: now[0])
 
     async def attempts(pairs: list[tuple[str, str]]) -> tuple[list[bool], float]:
         start = time.perf_counter()
@@ -245,9 +246,10 @@ def test_failed_logins_are_slowed_one_at_a_time_then_locked_out(caplog: pytest.L
         return list(results), time.perf_counter() - start
 
     async def scenario() -> None:
-        assert await attempts([("ada", "secret")]) == ([True], pytest.approx(0, abs=0.04))  # no delay when right
+        results, elapsed = await attempts([("ada", "secret")])
+        assert results == [True] and elapsed < delay / 2  # no delay when right
         results, elapsed = await attempts([("ada", f"guess{i}") for i in range(8)] + [("eve", "secret")])
-        assert results == [False] * 9 and elapsed >= 9 * 0.05  # parallel guesses queue: 9 x the delay
+        assert results == [False] * 9 and elapsed >= 9 * delay  # parallel guesses queue: 9 x the delay
         assert (await attempts([("ada", "secret")]))[0] == [True] and throttle.failures == 0  # success resets
         with caplog.at_level("WARNING", logger="serve.login"):
             assert (await attempts([("ada", f"guess{i}") for i in range(10)]))[0] == [False] * 10
