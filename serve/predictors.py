@@ -207,7 +207,11 @@ ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 class ImageClassifier:
     """Image classification: `predict(images)` from paths, encoded bytes, Pillow images or uint8 arrays, through the
-    preprocessing saved with the model (the steps training applied). Thread-safe."""
+    preprocessing saved with the model (the steps training applied). Thread-safe.
+
+    An image without pixels is an ImageError, and so is a file (or bytes) of more than `max_pixels` pixels, read from
+    its header before anything is decoded.
+    """
 
     def __init__(self, spec: PreprocessingSpec, forward: Forward, *, labels: Sequence[str] | None,
                  input_name: str = "pixel_values", batching: BatchingConfig | None = None,
