@@ -2,10 +2,13 @@
 
     python -m compress export RUN_DIR --out BUNDLE [--optimize] [--opset 17] [--samples FILE] [--overwrite]
     python -m compress run --config recipes/configs/compress/text_default.yaml [key.sub=value ...]
-    python -m compress verify BUNDLE          # check the manifest and every file's sha256
+    python -m compress verify BUNDLE [--expect sha256:...]   # check the manifest and every file; print the digest
 
 `run` applies a config's stages (torch baselines, export, optimize, quantize) to a run directory and writes the
 bundle with report.md / report.json / tradeoff.png; see compress/pipeline.py. `--help-config` lists its keys.
+
+`verify` prints the bundle's digest (sha256 over manifest.json and every file; serve.bundle.manifest.bundle_digest);
+`--expect DIGEST` fails unless the bundle is exactly the one pinned by that digest.
 
 `--samples FILE`: parity inputs instead of the run's eval split: a text file with one text per line, or a folder of
 images. A parity failure prints the worst outputs and exits with status 2; no bundle is written.
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="the recipes folder that prune (recovery) and distill stages train with (default: recipes)")
     verify = commands.add_parser("verify", help="check a bundle's manifest and files")
     verify.add_argument("bundle", type=Path)
+    verify.add_argument("--expect", default=None, metavar="DIGEST",
+                        help="fail unless the bundle's digest is this one (as printed by an earlier verify)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -51,14 +56,16 @@ def main(argv: list[str] | None = None) -> None:
             _run(args)
             return
         if args.command == "verify":
-            from serve.bundle.manifest import read_manifest
+            from serve.bundle.manifest import bundle_digest, check_digest, read_manifest
 
-            manifest = read_manifest(args.bundle)
-            summary = {name: {"files": [g["file"] for g in v["graphs"].values()], "size_bytes": v["size_bytes"],
-                              "max_abs_diff": (v["parity"] or {}).get("max_abs_diff")}
+            # Every file is hashed once: the digest checks each against its sha256 in the manifest.
+            digest = check_digest(args.bundle, args.expect) if args.expect else bundle_digest(args.bundle)
+            manifest = read_manifest(args.bundle, verify=False)
+            summary = {name: {"files": [g["file"] for g in v["graphs"].values()], "size_bytes": v.get("size_bytes"),
+                              "max_abs_diff": (v.get("parity") or {}).get("max_abs_diff")}
                        for name, v in manifest.variants.items()}
             sys.stdout.write(json.dumps({"bundle": str(args.bundle), "task": manifest.task, "ok": True,
-                                         "variants": summary}, indent=2) + "\n")
+                                         "digest": digest, "variants": summary}, indent=2) + "\n")
             return
         from compress.bundle import ExportConfig, export_bundle
 

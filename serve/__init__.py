@@ -4,6 +4,7 @@
     predictors   classifiers over any forward function; generation: sampling and streamed text; batching: micro-batches
     pytorch      the same predictors over a run directory's PyTorch model (the demo's baseline)
     app          build_demo(...) -> gr.Blocks and `python -m serve` (sources: what the demo serves; sketch: drawings)
+    login        who may use the demo: the login (flag, file or environment) and a throttle for failed logins
 
 Importing this package is cheap: onnxruntime, tokenizers, gradio and torch load inside the functions that need them.
 """

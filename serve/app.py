@@ -1,7 +1,7 @@
 """The Gradio demo: a tab per task over bundles (each ONNX variant) and run directories (PyTorch), side by side.
 
-    python -m serve bundles/reviews [more bundles or run dirs] [--port 7860] [--share] [--auth user:pass]
-    tuneforge-demo bundles/reviews                              # the same, as the console script
+    python -m serve bundles/reviews [more bundles or run dirs] [--port 7860] [--share] [--auth-file login.txt]
+    TUNEFORGE_DEMO_AUTH=user:pass tuneforge-demo bundles/reviews  # the same, as the console script, with a login
 
 Named endpoints for gradio_client (`Client(url).view_api()` lists their parameters):
     /classify_text (text, pair, variants)            /classify_image (image file, variants)
@@ -9,6 +9,11 @@ Named endpoints for gradio_client (`Client(url).view_api()` lists their paramete
 Each returns one output per variant (hidden when not selected) and a table of label, score and latency per variant.
 Concurrent requests to a classifier are micro-batched by the runtime (serve.batching), not by gradio, so a bad
 request fails alone. Predictors are shared by all users; no per-user state is kept.
+
+What a visitor leaves on disk does not outlive the server: uploads (refused ones too) and the images it returns sit in
+Gradio's cache, deleted after an hour and all at once when the server stops (gr.Blocks' delete_cache); the example
+images live in a temp folder removed when the demo is garbage-collected or the process exits. `main` turns SIGTERM
+into the same clean stop as Ctrl-C. Logins are checked by serve.login.LoginThrottle (slow, then locked, for guessers).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +37,8 @@ from serve.bundle.errors import TuneforgeError, exit_on_user_error
 from serve.bundle.tasks import Task
 from serve.errors import ServeError
 from serve.generation import Detokenizer
+from serve.login import LoginThrottle, demo_auth, warn_if_exposed
+from serve.predictors import MAX_IMAGE_PIXELS, check_threads
 from serve.sources import DemoModel, Source, demo_models, image_examples, open_source, report_markdown, text_examples
 
 if TYPE_CHECKING:
@@ -38,7 +47,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 20_000
-MAX_IMAGE_PIXELS = 40_000_000  # refuse larger uploads before decoding them (a decompression bomb guard)
+# Gradio's cache (uploads, returned images): every 10 minutes delete files older than an hour; all on shutdown.
+DELETE_CACHE = (600, 3600)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TAB_TITLES = {Task.TEXT_CLASSIFICATION: "Text classification", Task.TEXT_REGRESSION: "Text regression",
               Task.IMAGE_CLASSIFICATION: "Image classification", Task.CAUSAL_LM: "Text generation"}
@@ -56,6 +66,7 @@ def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = 
     preload: load (and run once) every variant now rather than at its first request.
     """
     gr = _gradio()
+    check_threads(threads)
     opened = [s if isinstance(s, Source) else open_source(s) for s in sources]
     if not opened:
         raise ServeError("nothing to serve; pass one or more bundles or run directories")
@@ -65,7 +76,8 @@ def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = 
             for model in group:
                 model.warm_up()
     limits = {"classify": concurrency_limit, "generate": generation_concurrency, "upload_bytes": max_upload_mb * 1e6}
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    workspace = tempfile.TemporaryDirectory(prefix="tuneforge-demo-")  # example images written for gr.Examples
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {title}\n" + "\n".join(f"- `{s.path}`: {s.kind}, {s.task}, variants: {', '.join(s.variants)}"
                                               for s in opened))
         with gr.Tabs():
@@ -74,7 +86,7 @@ def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = 
                     if task == Task.CAUSAL_LM:
                         _generation_tab(gr, group, limits)
                     elif task == Task.IMAGE_CLASSIFICATION:
-                        _image_tab(gr, group, limits)
+                        _image_tab(gr, group, limits, Path(workspace.name))
                     else:
                         _text_tab(gr, group, limits)
                     with gr.Accordion("Report", open=False):
@@ -84,6 +96,7 @@ def build_demo(sources: Sequence[Source | str | Path], *, threads: int | None = 
                                 gr.Image(str(source.path / TRADEOFF_PLOT), label=f"{source.name}: size, speed and "
                                          "accuracy of the variants", interactive=False)
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=64 * concurrency_limit)
+    weakref.finalize(demo, workspace.cleanup)  # the folder lives as long as the demo (or until the process exits)
     return demo
 
 
@@ -127,7 +140,7 @@ def _text_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
           concurrency_limit=limits["classify"], batch=False)
 
 
-def _image_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
+def _image_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any], workspace: Path) -> None:
     from PIL import Image
 
     from serve.sketch import sketch_to_image
@@ -145,7 +158,7 @@ def _image_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
     picker = _variant_picker(gr, group)
     labels = _label_outputs(gr, group)
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Per variant", interactive=False)
-    examples = image_examples(group[0].source, Path(tempfile.mkdtemp(prefix="tuneforge-demo-")))
+    examples = image_examples(group[0].source, workspace / "examples")
     if examples:
         gr.Examples([[p] for p in examples], [upload], label="Examples from the eval split")
     _show_selected(gr, picker, labels, group)
@@ -335,7 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login (visible to other "
+                        "users in `ps`: prefer --auth-file or $TUNEFORGE_DEMO_AUTH)")
+    parser.add_argument("--auth-file", type=Path, default=None, metavar="PATH",
+                        help="require the login USER:PASS read from the first line of this file")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model run")
     parser.add_argument("--concurrency", type=int, default=8, help="classifier requests run at once")
     parser.add_argument("--max-batch-size", type=int, default=32, help="micro-batch size of concurrent requests")
@@ -344,17 +360,36 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_user_error():
-        auth = None
-        if args.auth is not None:
-            user, sep, password = args.auth.partition(":")
-            if not sep or not user or not password:
-                raise ServeError("--auth takes USER:PASS (both non-empty)")
-            auth = (user, password)
+        auth = demo_auth(args.auth, args.auth_file)
+        warn_if_exposed(args.host, args.share, auth)
         demo = build_demo(args.paths, threads=args.threads, concurrency_limit=args.concurrency,
                           batching=BatchingConfig(args.max_batch_size, args.max_wait_ms),
                           max_upload_mb=args.max_upload_mb)
-    if args.share and auth is None:
-        logger.warning("--share without --auth: anyone with the link can use this demo")
-    # gradio refuses uploads over twice the limit outright; between 1x and 2x the demo says why (a friendlier error).
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, ssr_mode=False,
-                max_file_size=int(2 * args.max_upload_mb * 1e6), footer_links=["api"])
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, docker stop, systemd: stop as Ctrl-C does, deleting uploads
+    started = time.time()
+    try:
+        # gradio refuses uploads over twice the limit outright; between 1x and 2x the demo says why (friendlier).
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
+                    auth=LoginThrottle(*auth).check if auth else None,
+                    max_file_size=int(2 * args.max_upload_mb * 1e6), footer_links=["api"])
+    finally:
+        demo.close(verbose=False)
+        _remove_leaked_temp_files(Path(demo.GRADIO_CACHE), since=started)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler: Gradio's launch() stops its server cleanly (running delete_cache) on KeyboardInterrupt."""
+    raise KeyboardInterrupt
+
+
+def _remove_leaked_temp_files(cache: Path, *, since: float) -> None:
+    """Remove the empty temp files (tmpXXXXXXXX) Gradio left in its cache while the demo ran: gr.File(type=
+    "filepath") opens one per request and never uses or deletes it (Gradio 6.31). The uploads themselves, and the
+    images the demo returned, are deleted by delete_cache."""
+    for path in cache.glob("tmp*"):
+        try:
+            info = path.stat()
+            if path.is_file() and info.st_size == 0 and info.st_mtime >= since:
+                path.unlink()
+        except OSError:  # gone already, or not ours to remove
+            continue

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from serve.bundle.decoding import Step, decode_loop
+from serve.bundle.manifest import generation_setting_problem
 from serve.errors import InputError
+from serve.predictors import check_unicode
 
 Prompt = str | list[dict[str, str]]  # a text, or a conversation rendered by the chat template
 
@@ -35,14 +37,12 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-                  (self.temperature >= 0, "temperature must be >= 0"),
-                  (self.top_k >= 0, "top_k must be >= 0 (0 turns it off)"),
-                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(f"{message}; got {self}")
+        # Types as well as ranges: "5" or 5.5 tokens, or a seed of -1, would fail deep in numpy otherwise. The rules
+        # are the manifest's (serve.bundle.manifest.GENERATION_RULES), so a bundle's defaults obey them too.
+        for name in self.__dataclass_fields__:
+            problem = generation_setting_problem(name, getattr(self, name))
+            if problem:
+                raise InputError(problem)
 
     @property
     def greedy(self) -> bool:
@@ -174,6 +174,7 @@ class TextGenerator:
         if isinstance(prompt, list):
             ids = self.tokenizer.encode(self.chat_prompt(prompt), add_special_tokens=False).ids
         elif isinstance(prompt, str):
+            check_unicode(prompt, "the prompt")
             ids = self.tokenizer.encode(prompt).ids
         else:
             raise InputError(f"prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
@@ -190,6 +191,8 @@ class TextGenerator:
                    for m in messages):
             raise InputError("a conversation is a list of {'role': str, 'content': str} messages; pass a str for "
                              "a plain prompt")
+        for i, message in enumerate(messages):
+            check_unicode(message["content"], f"message {i}'s content")
         try:
             from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment

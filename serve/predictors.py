@@ -7,7 +7,9 @@ and Pillow only.
 
 from __future__ import annotations
 
+import io
 import logging
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from PIL import Image
 
 from serve.batching import BatchingConfig, MicroBatcher
 from serve.bundle.inputs import encodings_to_arrays
-from serve.bundle.preprocessing import PreprocessingSpec, preprocess_batch
+from serve.bundle.preprocessing import ImageError, PreprocessingSpec, preprocess_batch
 from serve.bundle.tasks import Task
 from serve.errors import InputError
 
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 Forward = Callable[[dict[str, np.ndarray]], np.ndarray]  # graph inputs -> logits [batch, labels]
 CHUNK = 64  # inputs per model run when one call passes many (bounds the padded batch's memory)
+# Encoded images (files, bytes) with more pixels are refused from their header, before decoding: a small file can
+# decode to gigabytes (a decompression bomb). 40 MP is a 7,000 x 5,700 photo, far above any classifier's input.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,60 @@ def check_texts(texts: Any, what: str = "texts") -> list[str]:
     for i, text in enumerate(out):
         if not isinstance(text, str):
             raise InputError(f"{what}[{i}] is {type(text).__name__}, not str; pass text (decode bytes first)")
+        check_unicode(text, f"{what}[{i}]")
+    blank = [i for i, text in enumerate(out) if not text.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+        raise InputError(f"{what} has {len(blank)} empty or whitespace-only text(s), at index {shown}; training "
+                         "refuses empty texts too: drop them or give them text")
     return out
+
+
+def check_unicode(text: str, what: str) -> None:
+    """InputError if `text` cannot be encoded as UTF-8: a lone surrogate ("\\ud800", e.g. from bytes decoded with
+    errors="surrogateescape", or half of a JSON "\\ud83d\\ude00" pair) is not a character a tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{what} holds a lone surrogate {text[err.start]!r} at character {err.start}, which is not "
+                         "valid Unicode; decode the source bytes with errors='replace' or remove that character"
+                         ) from None
+
+
+def check_threads(threads: Any) -> int | None:
+    """`threads` as given to a predictor's loader: None (the library's default, one per physical core) or an int
+    >= 1; anything else is an InputError (ONNX Runtime would read 0 or -1 as "default" and a float not at all)."""
+    if threads is None:
+        return None
+    if isinstance(threads, numbers.Integral) and not isinstance(threads, bool) and threads >= 1:
+        return int(threads)
+    raise InputError(f"threads must be an integer >= 1 (threads per model run) or None (one per physical core); "
+                     f"got {threads!r}")
+
+
+def check_image(image: ImageLike, what: str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """ImageError if an image has no pixels, or (files and bytes, read from the header before decoding) more than
+    `max_pixels`. An unreadable file passes here: load_image says why it cannot be read."""
+    if isinstance(image, np.ndarray):
+        if image.size == 0 or 0 in image.shape[:2]:
+            raise ImageError(f"{what} has no pixels (array shape {image.shape}); pass an image at least 1x1")
+        return
+    if isinstance(image, Image.Image):
+        width, height = image.size
+    else:
+        try:
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as header:  # header only
+                width, height = header.size
+        except Image.DecompressionBombError as err:  # Pillow's own cap (about 179 MP) refuses even the header
+            raise ImageError(f"{what} is too large to decode ({str(err).split('(')[0].strip()}); this runtime takes up "
+                             f"to {max_pixels:,} pixels: resize it first") from None
+        except Exception:  # Pillow raises several types for undecodable files: load_image reports them
+            return
+        if width * height > max_pixels:
+            raise ImageError(f"{what} is {width}x{height} pixels; this runtime takes up to {max_pixels:,} pixels "
+                             "(a decompression bomb guard): resize it first")
+    if width * height == 0:
+        raise ImageError(f"{what} is {width}x{height} pixels: it has no pixels; pass an image at least 1x1")
 
 
 class TextClassifier:
@@ -150,12 +208,17 @@ ImageLike = str | Path | bytes | Image.Image | np.ndarray
 
 class ImageClassifier:
     """Image classification: `predict(images)` from paths, encoded bytes, Pillow images or uint8 arrays, through the
-    preprocessing saved with the model (the steps training applied). Thread-safe."""
+    preprocessing saved with the model (the steps training applied). Thread-safe.
+
+    An image without pixels is an ImageError, and so is a file (or bytes) of more than `max_pixels` pixels, read from
+    its header before anything is decoded.
+    """
 
     def __init__(self, spec: PreprocessingSpec, forward: Forward, *, labels: Sequence[str] | None,
                  input_name: str = "pixel_values", batching: BatchingConfig | None = None,
-                 name: str = "image classifier"):
+                 name: str = "image classifier", max_pixels: int = MAX_IMAGE_PIXELS):
         self.spec, self.forward, self.input_name, self.name = spec, forward, input_name, name
+        self.max_pixels = max_pixels  # files and bytes with more pixels are refused before decoding
         self.labels = list(labels or [])
         self.batcher = MicroBatcher(self._run_pixels, batching, name=f"{name} batcher") if batching else None
 
@@ -179,6 +242,8 @@ class ImageClassifier:
             if images.ndim < 3:
                 raise InputError(f"an image array passed to predict is a batch [N, H, W] or [N, H, W, C]; got shape "
                                  f"{images.shape}: wrap a single image in a list")
+            if len(images) and 0 in images.shape[1:3]:
+                raise ImageError(f"the images have no pixels (batch shape {images.shape}); pass images at least 1x1")
         elif not isinstance(images, Sequence):
             raise InputError(f"images must be a list of images, got {type(images).__name__}")
         else:
@@ -186,6 +251,7 @@ class ImageClassifier:
                 if not isinstance(image, ImageLike):
                     raise InputError(f"images[{i}] is {type(image).__name__}; pass a path, bytes, a PIL image or a "
                                      "uint8 array")
+                check_image(image, f"images[{i}]", max_pixels=self.max_pixels)
         if not len(images):
             return np.zeros((0, self.spec.num_channels, *self.spec.size), np.float32)
         return preprocess_batch(images, self.spec)

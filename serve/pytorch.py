@@ -17,7 +17,7 @@ from serve.bundle.decoding import Step
 from serve.bundle.preprocessing import PreprocessingSpec
 from serve.bundle.tasks import TEXT_TASKS, Task
 from serve.generation import GenerationSettings, TextGenerator
-from serve.predictors import Forward, ImageClassifier, TextClassifier
+from serve.predictors import Forward, ImageClassifier, TextClassifier, check_threads
 
 
 def load_run(run_dir: str | Path, *, threads: int | None = None,
@@ -32,6 +32,7 @@ def load_run(run_dir: str | Path, *, threads: int | None = None,
     from compress.source import load_model, load_tokenizer, read_run
     from compress.tasks import bundle_tokenizer
 
+    threads = check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     run = read_run(run_dir)

@@ -18,12 +18,12 @@ from typing import Any
 
 from serve.batching import BatchingConfig
 from serve.bundle.decoding import onnx_step
-from serve.bundle.manifest import BundleError, Manifest, read_manifest, verify_files
+from serve.bundle.manifest import BundleError, Manifest, check_digest, read_manifest, verify_files
 from serve.bundle.preprocessing import PreprocessingSpec
 from serve.bundle.tasks import TEXT_TASKS, Task
 from serve.errors import ServeError
 from serve.generation import GenerationSettings, TextGenerator
-from serve.predictors import ImageClassifier, Prediction, TextClassifier
+from serve.predictors import ImageClassifier, Prediction, TextClassifier, check_threads
 
 __all__ = ["BatchingConfig", "GenerationSettings", "ImageClassifier", "Prediction", "Predictor", "TextClassifier",
            "TextGenerator", "create_session", "load"]
@@ -34,16 +34,23 @@ Predictor = TextClassifier | ImageClassifier | TextGenerator
 
 
 def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | None = None,
-         batching: BatchingConfig | None = None, verify: bool = True) -> Predictor:
+         batching: BatchingConfig | None = None, verify: bool = True, expect_digest: str | None = None) -> Predictor:
     """A predictor for the bundle's task, running one variant (default: the manifest's default_variant).
 
-    threads: ONNX Runtime intra-op threads per model run (None: one per physical core).
+    threads: ONNX Runtime intra-op threads per model run (None: one per physical core; else an int >= 1).
     batching: micro-batch concurrent `predict` calls (classifiers; for servers with many callers).
-    verify: check the sha256 of the files this variant uses (its graph, the tokenizer) against the manifest.
+    verify: check the sha256 of the files this variant uses (its graph, the tokenizer) against the manifest: this
+    catches a corrupted copy, not a bundle someone changed on purpose (they can rewrite the manifest too).
+    expect_digest: the bundle digest ("sha256:...", from `python -m compress verify BUNDLE`) this app was tested
+    with; a bundle with another digest is refused (BundleError). It hashes every file of the bundle.
     Returns a TextClassifier (`predict(texts, pairs=None)`), ImageClassifier (`predict(images)`) or TextGenerator
     (`generate(prompt, ...)`, streamed). Every one of them is safe to share between threads.
     """
-    manifest = read_manifest(bundle_dir, verify=False)  # the format, and that every listed file is there
+    threads = check_threads(threads)
+    if expect_digest is not None:
+        check_digest(bundle_dir, expect_digest)  # every file checked against the manifest, then the digest
+        verify = False
+    manifest = read_manifest(bundle_dir, verify=False)  # the format, what it says, and that every file is there
     name = variant or manifest.default_variant
     data = manifest.data
     if verify:
@@ -112,7 +119,7 @@ def create_session(path: str | Path, *, threads: int | None = None, settings: di
     except ImportError:
         raise ServeError("onnxruntime is not installed; pip install tuneforge (its base install has it)") from None
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
+    options.intra_op_num_threads = check_threads(threads) or 0  # 0: ONNX Runtime's default
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -351,7 +351,7 @@ def test_corrupted_decoder_is_refused(tmp_path: Path, monkeypatch):
 
 
 def test_export_refuses_to_overwrite_and_names_a_missing_run(text_run: Path, tmp_path: Path):
-    from finetune.errors import TuneforgeError
+    from serve.bundle.errors import TuneforgeError
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")

@@ -90,7 +90,7 @@ def test_the_floors_import_only_what_they_may():
     ("serve.bundle.manifest", "compress.bundle", False), ("serve.bundle.manifest", "finetune.errors", False),
     ("serve.bundle.inputs", "torch", False), ("serve.runtime", "serve.sources", False),
     ("serve.runtime", "transformers", False), ("serve.predictors", "finetune.data", False),
-    ("finetune.rundir", "compress.manifest", False), ("finetune.rundir", "serve.runtime", False),
+    ("finetune.rundir", "compress.bundle", False), ("finetune.rundir", "serve.runtime", False),
     ("finetune.rundir", "serve.bundle.folders", True), ("compress.bundle", "serve.app", False),
     ("compress.training", "recipes.distill", False), ("serve.app", "finetune.config", True),
 ])

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,11 +42,24 @@ def demo(serve_text_bundle: Path, text_run: Path, serve_image_bundle: Path, serv
          tmp_path_factory: pytest.TempPathFactory):
     """The demo on a text bundle (2 variants) + its run (PyTorch), an image bundle and a causal-LM bundle."""
     assert serve_text_bundle.name == "text" and text_run.name == "run"
-    port, logs = free_port(), tmp_path_factory.mktemp("demo")
-    command = [sys.executable, "-m", "serve", str(serve_text_bundle), str(text_run), str(serve_image_bundle),
-               str(serve_lm_bundle), "--port", str(port), "--threads", "1", "--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+    logs = tmp_path_factory.mktemp("demo")
+    proc, url = start_demo([serve_text_bundle, text_run, serve_image_bundle, serve_lm_bundle, "--threads", "1",
+                            "--max-upload-mb", str(UPLOAD_LIMIT_MB)], logs)
+    yield {"url": url, "proc": proc, "log": logs / "demo.log"}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def start_demo(args: list, logs: Path, env: dict[str, str] | None = None,
+               ready: str = "/gradio_api/info") -> tuple[subprocess.Popen, str]:
+    """`python -m serve ARGS --port <free>` with Gradio's cache in logs/gradio, once `ready` answers (or 401)."""
+    port = free_port()
+    command = [sys.executable, "-m", "serve", *map(str, args), "--port", str(port)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(logs / "gradio"),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **(env or {})}
     with open(logs / "demo.log", "w") as log:
         proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -54,21 +68,19 @@ def demo(serve_text_bundle: Path, text_run: Path, serve_image_bundle: Path, serv
         if proc.poll() is not None:
             raise AssertionError(f"the demo exited ({proc.returncode}):\n{(logs / 'demo.log').read_text()[-4000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/gradio_api/info", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}{ready}", timeout=5) as response:
                 if response.status == 200:
                     break
+        except urllib.error.HTTPError as err:
+            if err.code == 401:  # up, behind its login
+                break
         except OSError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"the demo did not answer in 180 s:\n{(logs / 'demo.log').read_text()[-4000:]}")
         time.sleep(0.5)
-    yield {"url": url, "proc": proc, "log": logs / "demo.log"}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return proc, url
 
 
 def client(demo: dict):
@@ -173,7 +185,128 @@ def test_demo_command_and_cli_errors(tmp_path: Path):
     assert proc.returncode == 2 and "is neither a bundle" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "serve", str(tmp_path), "--auth", "nopassword"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--auth takes USER:PASS" in proc.stderr
+    assert proc.returncode == 2 and "--auth must be USER:PASS (both non-empty)" in proc.stderr
+
+
+# --- who can use the demo, and what it leaves on disk (issue 14, item 9) ----------------------------------------------
+
+def test_the_login_comes_from_a_file_or_the_environment(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    from serve.errors import ServeError
+    from serve.login import AUTH_ENV, demo_auth
+
+    (tmp_path / "login.txt").write_text("ada:pa:ss word\n")
+    assert demo_auth(None, tmp_path / "login.txt", environ={}) == ("ada", "pa:ss word")
+    assert demo_auth(None, None, environ={AUTH_ENV: "bob:secret"}) == ("bob", "secret")
+    assert demo_auth(None, None, environ={}) is None
+    with caplog.at_level("WARNING", logger="serve.login"):
+        assert demo_auth("cy:pw", None, environ={AUTH_ENV: "bob:secret"}) == ("cy", "pw")  # the flag wins
+    assert "other users of this machine can read it (ps); prefer --auth-file PATH" in caplog.text
+    (tmp_path / "empty.txt").write_text("")
+    for args, environ, message in [
+        (("a:b", tmp_path / "login.txt"), {}, "give the login once: --auth USER:PASS or --auth-file PATH, not both"),
+        ((None, tmp_path / "missing.txt"), {}, "cannot read the login file"),
+        ((None, tmp_path / "empty.txt"), {}, "the first line of .*empty.txt must be USER:PASS"),
+        ((None, None), {AUTH_ENV: "nopassword"}, f"\\${AUTH_ENV} must be USER:PASS"),
+    ]:
+        with pytest.raises(ServeError, match=message):
+            demo_auth(*args, environ=environ)
+
+
+@pytest.mark.parametrize(("host", "share", "auth", "warning"), [
+    ("0.0.0.0", False, None, "the demo listens on 0.0.0.0 without a login: anyone who can reach this machine"),
+    ("192.168.1.5", False, None, "the demo listens on 192.168.1.5 without a login"),
+    ("demo.example.org", False, None, "the demo listens on demo.example.org without a login"),
+    ("127.0.0.1", True, None, "--share without a login: anyone with the gradio.live link"),
+    ("127.0.0.1", False, None, None), ("localhost", False, None, None), ("::1", False, None, None),
+    ("0.0.0.0", True, ("a", "b"), None),
+])
+def test_a_demo_reachable_from_a_network_without_a_login_warns(host: str, share: bool, auth, warning: str | None,
+                                                                caplog: pytest.LogCaptureFixture):
+    from serve.login import warn_if_exposed
+
+    with caplog.at_level("WARNING", logger="serve.login"):
+        warn_if_exposed(host, share, auth)
+    assert (warning in caplog.text) if warning else caplog.text == ""
+
+
+def test_failed_logins_are_slowed_one_at_a_time_then_locked_out(caplog: pytest.LogCaptureFixture):
+    """Gradio's own check answered 100 wrong passwords in 1.1 s; the throttle answers failures one at a time,
+    `delay_s` each, and locks every login after `max_failures` in a row."""
+    import asyncio
+
+    from serve.login import LoginThrottle
+
+    now = [0.0]
+    delay = 0.2
+    throttle = LoginThrottle("ada", "secret", delay_s=delay, max_failures=10, lockout_s=60, clock=lambda: now[0])
+
+    async def attempts(pairs: list[tuple[str, str]]) -> tuple[list[bool], float]:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(throttle.check(user, password) for user, password in pairs))
+        return list(results), time.perf_counter() - start
+
+    async def scenario() -> None:
+        results, elapsed = await attempts([("ada", "secret")])
+        assert results == [True] and elapsed < delay / 2  # no delay when right
+        results, elapsed = await attempts([("ada", f"guess{i}") for i in range(8)] + [("eve", "secret")])
+        assert results == [False] * 9 and elapsed >= 9 * delay  # parallel guesses queue: 9 x the delay
+        assert (await attempts([("ada", "secret")]))[0] == [True] and throttle.failures == 0  # success resets
+        with caplog.at_level("WARNING", logger="serve.login"):
+            assert (await attempts([("ada", f"guess{i}") for i in range(10)]))[0] == [False] * 10
+        assert "10 failed logins in a row: every login is refused for the next 60 s" in caplog.text
+        assert (await attempts([("ada", "secret")]))[0] == [False]  # locked out, the right password too
+        now[0] += 61
+        assert (await attempts([("ada", "secret")]))[0] == [True]
+
+    asyncio.run(scenario())
+
+
+def test_demo_behind_a_login_throttles_guesses_and_deletes_uploads_when_stopped(serve_image_bundle: Path,
+                                                                                tmp_path: Path):
+    """The login from $TUNEFORGE_DEMO_AUTH (not on the command line, so not in `ps`), wrong passwords answered
+    slowly, and on SIGTERM: Gradio's cache (uploads, refused ones included, and returned images) emptied and the
+    demo's temp folder of example images removed."""
+    import signal
+
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    temp, logs = tmp_path / "tmp", tmp_path / "logs"
+    temp.mkdir()
+    logs.mkdir()
+    proc, url = start_demo([serve_image_bundle, "--threads", "1", "--max-upload-mb", str(UPLOAD_LIMIT_MB)], logs,
+                           env={"TUNEFORGE_DEMO_AUTH": "ada:s3cret word", "TMPDIR": str(temp)}, ready="/config")
+    try:
+        assert "s3cret" not in " ".join(proc.args)
+        assert len(list(temp.glob("tuneforge-demo-*"))) == 1  # where eval images for gr.Examples are written
+        with httpx.Client(timeout=60) as http:
+            assert http.get(f"{url}/config").status_code == 401
+            start = time.perf_counter()
+            wrong = [http.post(f"{url}/login", data={"username": "ada", "password": f"guess{i}"}) for i in range(3)]
+            assert [r.status_code for r in wrong] == [400] * 3 and time.perf_counter() - start >= 3 * 0.9
+            assert http.post(f"{url}/login", data={"username": "ada", "password": "s3cret word"}).status_code == 200
+
+        api = Client(url, auth=("ada", "s3cret word"), verbose=False)
+        Image.fromarray(np.full((24, 20, 3), 200, np.uint8)).save(tmp_path / "small.png")
+        noise = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)  # ~68 kB: over 50 kB
+        Image.fromarray(noise).save(tmp_path / "large.png")
+        assert api.predict(handle_file(str(tmp_path / "small.png")), ["fp32"], api_name="/classify_image")
+        with pytest.raises(AppError, match=r"takes images up to 0\.05 MB"):
+            api.predict(handle_file(str(tmp_path / "large.png")), ["fp32"], api_name="/classify_image")
+        cached = [p for p in (logs / "gradio").rglob("*") if p.is_file()]
+        assert any(p.name == "large.png" for p in cached), cached  # the refused upload sat in the cache
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    log = (logs / "demo.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert [p for p in (logs / "gradio").rglob("*") if p.is_file()] == [], log[-3000:]
+    assert list(temp.glob("tuneforge-demo-*")) == []
 
 
 # --- load -----------------------------------------------------------------------------------------------------------

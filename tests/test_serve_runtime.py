@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,9 +31,9 @@ from serve.pytorch import load_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TEXTS = ["good", "the movie was really bad and boring and the product was broken", "it is nice", "",
+TEXTS = ["good", "the movie was really bad and boring and the product was broken", "it is nice", "a",
          "Ünïcödé café — 東京 🙂 naïve", "superb item, lovely and perfect"]
-PAIRS = ["it was", "", "the product", "really quite very", "so and but", "this"]
+PAIRS = ["it was", "?", "the product", "really quite very", "so and but", "this"]
 PROMPTS = ["The quick brown fox", "Every line here ends with a full stop, and every story"]
 
 
@@ -112,14 +115,15 @@ def test_pair_model_matches_pytorch(serve_pair_bundle: Path, pair_text_run: Path
 
 
 def golden_cases(long: str) -> list[tuple[list[str], list[str] | None]]:
-    return [([*TEXTS, long, "   ", "a" * 300, "tab\there\nnewline", "\u200b\u200dzero width"], None),
-            ([*TEXTS, long], [*PAIRS, long]), ([long, "short"], ["short", long])]
+    return [([*TEXTS, long, "", "   ", "a" * 300, "tab\there\nnewline", "\u200b\u200dzero width"], None),
+            ([*TEXTS, long, ""], [*PAIRS, long, ""]), ([long, "short"], ["short", long])]
 
 
 def test_tokenization_is_identical_to_training_on_tricky_inputs(serve_pair_bundle: Path, pair_text_run: Path,
                                                                 caplog: pytest.LogCaptureFixture):
     """Bundle tokenizer (tokenizers only) vs the transformers tokenizer with training's settings: unicode, empty
-    string, very long text (truncated, with a warning), text pairs (truncated longest-first)."""
+    string (encode takes it; predict refuses it, as training does), very long text (truncated, with a warning), text
+    pairs (truncated longest-first)."""
     from transformers import AutoTokenizer
 
     model = runtime.load(serve_pair_bundle)
@@ -407,7 +411,7 @@ def test_clear_errors_for_bundles_and_inputs(serve_pair_bundle: Path, serve_lm_b
         with pytest.raises(InputError, match=message):
             call()
     generator = runtime.load(serve_lm_bundle)
-    with pytest.raises(InputError, match="top_p must be in"):
+    with pytest.raises(InputError, match=r"top_p must be a number in \(0, 1\]"):
         next(generator.generate("hi", top_p=0.0))
     with pytest.raises(InputError, match=r"unknown generation settings \['beams'\]"):
         next(generator.generate("hi", beams=2))
@@ -438,6 +442,104 @@ def test_image_input_errors(serve_image_bundle: Path, tmp_path: Path):
     ]:
         with pytest.raises(error, match=message):
             call()
+
+
+# --- careless and hostile inputs (issue 14, items 5 and 10) -----------------------------------------------------------
+
+def test_empty_or_blank_texts_are_refused_naming_the_rows_as_training_does(serve_pair_bundle: Path,
+                                                                         serve_text_bundle: Path):
+    """Training refuses empty texts (DataError naming the rows); the runtime used to answer them with a label."""
+    single = runtime.load(serve_text_bundle)
+    with pytest.raises(InputError) as err:
+        single.predict(["good", "", "fine", " \t\n"])
+    assert str(err.value) == ("texts has 2 empty or whitespace-only text(s), at index 1, 3; training refuses empty "
+                              "texts too: drop them or give them text")
+    with pytest.raises(InputError, match=r"texts has 1 empty or whitespace-only text\(s\), at index 0"):
+        single.logits([""])
+    pair = runtime.load(serve_pair_bundle)
+    with pytest.raises(InputError, match=r"pairs has 1 empty or whitespace-only text\(s\), at index 1"):
+        pair.predict(["good", "bad"], ["it was", "   "])
+    assert single.predict([]) == [] and len(single.predict([" good "])) == 1
+
+
+def test_a_lone_surrogate_is_an_input_error_naming_the_fix(serve_text_bundle: Path, serve_lm_bundle: Path):
+    model = runtime.load(serve_text_bundle)
+    with pytest.raises(InputError, match=r"texts\[1\] holds a lone surrogate '\\ud800' at character 2, which is not "
+                                         r"valid Unicode; decode the source bytes with errors='replace'"):
+        model.predict(["good", "ab\ud800"])
+    generator = runtime.load(serve_lm_bundle)
+    with pytest.raises(InputError, match="the prompt holds a lone surrogate"):
+        next(generator.generate("Once \udc80 upon"))
+    with pytest.raises(InputError, match="message 0's content holds a lone surrogate"):
+        next(generator.generate([{"role": "user", "content": "hi \ud83d"}]))
+
+
+@pytest.mark.parametrize("threads", [-1, 0, 1.5, "2", True])
+def test_threads_other_than_a_positive_int_are_refused(serve_image_bundle: Path, serve_image_run: Path, threads):
+    message = r"threads must be an integer >= 1 \(threads per model run\) or None \(one per physical core\); got "
+    for call in (lambda: runtime.load(serve_image_bundle, threads=threads),
+                 lambda: runtime.create_session(serve_image_bundle / "fp32.onnx", threads=threads),
+                 lambda: load_run(serve_image_run, threads=threads)):
+        with pytest.raises(InputError, match=message + re.escape(repr(threads))):
+            call()
+    assert runtime.load(serve_image_bundle, threads=np.int64(1)).predict([np.zeros((4, 4), np.uint8)])
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"max_new_tokens": "5"}, "max_new_tokens must be an integer >= 1; got '5' (str)"),
+    ({"max_new_tokens": 5.5}, "max_new_tokens must be an integer >= 1; got 5.5 (float)"),
+    ({"seed": -1}, "seed must be an integer >= 0, or None for a random seed; got -1 (int)"),
+    ({"temperature": "hot"}, "temperature must be a number >= 0 (0: greedy); got 'hot' (str)"),
+    ({"top_k": 2.0}, "top_k must be an integer >= 0 (0: off); got 2.0 (float)"),
+    ({"top_p": float("nan")}, "top_p must be a number in (0, 1] (1: off); got nan (float)"),
+    ({"do_sample": "yes"}, "do_sample must be true or false; got 'yes' (str)"),
+])
+def test_generation_settings_of_the_wrong_type_are_one_line_errors(serve_lm_bundle: Path, settings: dict,
+                                                                   expected: str):
+    with pytest.raises(InputError) as err:
+        GenerationSettings(**settings)
+    assert str(err.value) == expected
+    generator = runtime.load(serve_lm_bundle)
+    with pytest.raises(InputError) as err:
+        next(generator.generate("Hello", **settings))
+    assert str(err.value) == expected
+
+
+def test_numpy_integers_are_valid_generation_settings(serve_lm_bundle: Path):
+    generator = runtime.load(serve_lm_bundle)
+    tokens = list(generator.tokens("Hello", max_new_tokens=np.int64(3), seed=np.int32(1), top_k=np.int64(5)))
+    assert 1 <= len(tokens) <= 3
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The start of a grayscale PNG of width x height: enough for Pillow to read the size (no pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_no_pixels_or_too_many_pixels_are_image_errors(serve_image_bundle: Path, tmp_path: Path):
+    """A 0x0 array used to get a label; a decompression bomb raised PIL.DecompressionBombError (or, below Pillow's
+    own limit, was decoded whole): the runtime now refuses both with an ImageError, bombs before decoding."""
+    from serve.bundle.preprocessing import ImageError
+
+    model = runtime.load(serve_image_bundle)
+    (tmp_path / "bomb.png").write_bytes(png_header(50_000, 50_000))  # 2.5 GP: over Pillow's own limit
+    (tmp_path / "big.png").write_bytes(png_header(8_000, 6_000))  # 48 MP: under Pillow's limit, over the runtime's
+    for images, message in [
+        ([np.zeros((0, 0), np.uint8)], r"images\[0\] has no pixels \(array shape \(0, 0\)\)"),
+        ([np.zeros((24, 20, 3), np.uint8), np.zeros((5, 0, 3), np.uint8)], r"images\[1\] has no pixels"),
+        (np.zeros((2, 0, 0), np.uint8), r"the images have no pixels \(batch shape \(2, 0, 0\)\)"),
+        ([Image.new("L", (0, 0))], r"images\[0\] is 0x0 pixels: it has no pixels"),
+        ([tmp_path / "bomb.png"], r"images\[0\] is too large to decode .*this runtime takes up to 40,000,000 pixels"),
+        ([(tmp_path / "bomb.png").read_bytes()], r"images\[0\] is too large to decode"),
+        ([str(tmp_path / "big.png")], r"images\[0\] is 8000x6000 pixels; this runtime takes up to 40,000,000 pixels"),
+    ]:
+        with pytest.raises(ImageError, match=message):
+            model.predict(images)
+    assert len(model.predict([np.zeros((1, 1), np.uint8)])) == 1
 
 
 # --- no PyTorch -------------------------------------------------------------------------------------------------------

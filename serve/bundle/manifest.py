@@ -96,20 +96,31 @@ Graphs (names are those of the graph; the manifest lists them with their shapes)
 
 Writers never leave a half-written bundle: a new bundle is built in a temp folder and renamed; a variant is added by
 moving its files in under new names and then replacing manifest.json (the commit point) in one rename.
+
+Reading checks the content too (`validate_manifest`): labels against the logits, the session settings, the task's
+sections (preprocessing, tokenizer, cache, generation), so a bad manifest fails at load with one BundleError rather than
+later with an IndexError. The sha256 of each file catches corruption, not a hostile supplier (who can edit a file and
+its hash together); to pin the exact bundle an app was tested with, compare `bundle_digest` (below) with the value
+recorded then: `python -m compress verify BUNDLE --expect DIGEST`, `serve.runtime.load(..., expect_digest=DIGEST)`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
+import numbers
 import os
 import platform
+import re
 import sys
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from serve.bundle.errors import BundleError
 from serve.bundle.folders import replace_file
@@ -120,6 +131,14 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 # ISA extensions that decide which int8 / fp32 kernels ONNX Runtime can use (names as in /proc/cpuinfo).
+# ONNX Runtime's GraphOptimizationLevel names and the SessionOptions a variant's `session` entry may set.
+ORT_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL")
+SESSION_KEYS = ("graph_optimization_level", "disabled_optimizers")
+PREPROCESSING_KEYS = ("size", "color_mode", "mean", "std", "resample", "rescale")
+RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos")
+CACHE_DTYPES = ("float32", "float16", "float64")
+DIGEST_PREFIX = "sha256:"
+DIGEST_VERSION = b"tuneforge-bundle-digest 1\n"
 ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")
 
@@ -215,6 +234,7 @@ def read_manifest(bundle_dir: str | Path, *, verify: bool = True) -> Manifest:
     manifest = Manifest(root, data)
     if manifest.tokenizer_file is not None and manifest.tokenizer_file not in files:
         raise BundleError(f"{path}: the tokenizer {manifest.tokenizer_file!r} is not in 'files'; re-export the bundle")
+    validate_manifest(manifest)
     for rel in files:
         if not (root / rel).is_file():
             raise BundleError(f"bundle {root} is incomplete: {rel} is missing (listed in {MANIFEST}); copy the whole "
@@ -239,16 +259,257 @@ def _checked_files(root: Path, data: dict[str, Any]) -> dict[str, str]:
     return files
 
 
-def verify_files(manifest: Manifest, names: Iterable[str]) -> None:
+def verify_files(manifest: Manifest, names: Iterable[str]) -> dict[str, str]:
     """Check that these files (paths relative to the bundle) match their sha256 in the manifest; an app that loads one
-    variant checks just its files rather than every graph of the bundle."""
+    variant checks just its files rather than every graph of the bundle. Returns {path: sha256} of the files."""
     files: dict[str, str] = manifest.data["files"]
+    hashes = {}
     for rel in names:
         if rel not in files:
             raise BundleError(f"bundle {manifest.path}: {rel} is not listed in {MANIFEST}; re-export the bundle")
-        if sha256_file(manifest.path / rel) != files[rel]:
+        hashes[rel] = sha256_file(manifest.path / rel)
+        if hashes[rel] != files[rel]:
             raise BundleError(f"bundle {manifest.path}: {rel} does not match its sha256 in {MANIFEST} (changed or "
                               "corrupted after export); re-export the bundle")
+    return hashes
+
+
+def bundle_digest(bundle_dir: str | Path) -> str:
+    """The bundle's digest, "sha256:<64 hex>": one value that changes when manifest.json or any file it lists changes.
+
+    It is the sha256 of these bytes: the line `tuneforge-bundle-digest 1`, then `manifest.json <sha256 of its bytes>`,
+    then `<path> <sha256>` for every file listed in the manifest's `files`, sorted by path (POSIX, relative to the
+    bundle), each line ending in a newline. Files outside that list (a README someone added) do not count. Every
+    file is hashed here (and must match its sha256 in the manifest, as `verify` checks), so this reads the whole
+    bundle. Record it where the app's code or configuration lives, not next to the bundle: a supplier who can change
+    the bundle can change a digest stored inside it.
+    """
+    manifest = read_manifest(bundle_dir, verify=False)
+    return _digest(manifest, verify_files(manifest, manifest.data["files"]))
+
+
+def check_digest(bundle_dir: str | Path, expected: str) -> str:
+    """The bundle's digest, or BundleError when it is not `expected` ("sha256:<hex>" or just the hex)."""
+    want = str(expected).strip().lower()
+    want = want if want.startswith(DIGEST_PREFIX) else DIGEST_PREFIX + want
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", want):
+        raise BundleError(f"expected digest {expected!r} is not sha256:<64 hex digits>; copy the digest that "
+                          "`python -m compress verify BUNDLE` printed")
+    digest = bundle_digest(bundle_dir)
+    if digest != want:
+        raise BundleError(f"bundle {bundle_dir} has digest {digest}, not the expected {want}: it is not the bundle "
+                          "that was pinned (re-exported, edited or replaced); get the pinned bundle again, or pin the "
+                          "new digest once you trust where this one came from")
+    return digest
+
+
+def _digest(manifest: Manifest, hashes: dict[str, str]) -> str:
+    """`bundle_digest` from the files' sha256 ({path: hex}, every file the manifest lists)."""
+    lines = [f"{MANIFEST} {sha256_file(manifest.path / MANIFEST)}\n"]
+    lines += [f"{rel} {hashes[rel]}\n" for rel in sorted(manifest.data["files"])]
+    return DIGEST_PREFIX + hashlib.sha256(DIGEST_VERSION + "".join(lines).encode()).hexdigest()
+
+
+# --- what the manifest says: checked at read time ------------------------------------------------------------------
+
+Fail = Callable[..., NoReturn]  # raises BundleError(problem; fix) about one manifest
+
+# The generation settings of a causal LM (the manifest's `generation` defaults and what an app passes to generate):
+# name -> (what a valid value is, the check). serve.generation.GenerationSettings applies the same rules.
+GENERATION_RULES: dict[str, tuple[str, Any]] = {
+    "max_new_tokens": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "temperature": ("a number >= 0 (0: greedy)", lambda v: _is_number(v) and v >= 0),
+    "top_k": ("an integer >= 0 (0: off)", lambda v: _is_int(v) and v >= 0),
+    "top_p": ("a number in (0, 1] (1: off)", lambda v: _is_number(v) and 0 < v <= 1),
+    "repetition_penalty": ("a number > 0 (1: off)", lambda v: _is_number(v) and v > 0),
+    "do_sample": ("true or false", lambda v: isinstance(v, bool)),
+    "seed": ("an integer >= 0, or None for a random seed", lambda v: v is None or (_is_int(v) and v >= 0)),
+}
+
+
+def generation_setting_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one generation setting ("max_new_tokens must be an integer >= 1; got '5' (str)"), or None."""
+    rule, ok = GENERATION_RULES[name]
+    return None if ok(value) else f"{name} must be {rule}; got {value!r} ({type(value).__name__})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_manifest(manifest: Manifest) -> None:
+    """Check what the manifest says, beyond its format: each variant's graphs and session settings, the labels
+    against the logits, and the sections its task needs (tokenizer and text, preprocessing, cache and generation).
+    Raises BundleError naming the first problem. Keys this version does not know are ignored, except inside
+    `session` (an unknown setting there would change how the graph runs)."""
+    data, path = manifest.data, manifest.path / MANIFEST
+
+    def fail(problem: str, fix: str = "re-export the bundle") -> NoReturn:
+        raise BundleError(f"{path}: {problem}; {fix}")
+
+    for rel, digest in data["files"].items():
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            fail(f"files[{rel!r}] is {digest!r}, not a sha256 (64 hex digits)")
+    labels = data.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels):
+            fail(f"'labels' must be a non-empty list of label names or null, got {labels!r}")
+        repeated = sorted(n for n, count in Counter(labels).items() if count > 1)
+        if repeated:
+            fail(f"'labels' repeats {repeated}: each class needs its own name")
+    for name, variant in data["variants"].items():
+        _validate_variant(manifest, name, variant, fail)
+    if manifest.task == Task.IMAGE_CLASSIFICATION:
+        _validate_preprocessing(manifest, fail)
+    else:
+        _validate_text(data, fail)
+    if manifest.task == Task.CAUSAL_LM:
+        _validate_causal_lm(manifest, fail)
+
+
+def _validate_variant(manifest: Manifest, name: str, variant: dict[str, Any], fail: Fail) -> None:
+    """One variant: its graphs' tensors, its session settings, and (classifiers, regression) the logits' width."""
+    roles = ("model", "decoder") if manifest.task == Task.CAUSAL_LM else ("model",)
+    graphs = variant["graphs"]
+    for role in roles:
+        if role not in graphs:
+            fail(f"variant {name!r} has no {role!r} graph (graphs: {', '.join(graphs)}); a {manifest.task} bundle "
+                 f"needs {' and '.join(roles)}")
+    for role, graph in graphs.items():
+        for kind in ("inputs", "outputs"):
+            tensors = graph.get(kind)
+            if not isinstance(tensors, list) or not tensors or not all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
+                    for t in tensors):
+                fail(f"variant {name!r}: the {role} graph's {kind!r} must be a list of {{name, dtype, shape}}")
+    session = variant.get("session")
+    if session is not None:
+        if not isinstance(session, dict):
+            fail(f"variant {name!r}: 'session' must be a mapping of ONNX Runtime settings, got {session!r}")
+        unknown = sorted(set(session) - set(SESSION_KEYS))
+        if unknown:
+            fail(f"variant {name!r} asks for session settings {unknown}, which this tuneforge does not know (known: "
+                 f"{', '.join(SESSION_KEYS)})", "upgrade tuneforge, or re-export the bundle with this version")
+        level = session.get("graph_optimization_level")
+        if level is not None and level not in ORT_LEVELS:
+            fail(f"variant {name!r}: session graph_optimization_level {level!r} is not one of "
+                 f"{', '.join(ORT_LEVELS)}")
+        disabled = session.get("disabled_optimizers")
+        if disabled is not None and (not isinstance(disabled, list) or not all(isinstance(o, str) for o in disabled)):
+            fail(f"variant {name!r}: session disabled_optimizers must be a list of optimizer names, got {disabled!r}")
+    if manifest.task == Task.CAUSAL_LM:
+        return
+    shape = graphs["model"]["outputs"][0]["shape"]  # the runtime reads the first output: logits [batch, labels]
+    width = shape[-1] if shape else None
+    labels = manifest.data.get("labels")
+    want = 1 if manifest.task == Task.TEXT_REGRESSION else len(labels) if labels else None
+    if _is_int(width) and want is not None and width != want:
+        what = "one value (regression)" if manifest.task == Task.TEXT_REGRESSION else \
+            f"{want} labels {labels}" if want <= 10 else f"{want} labels"
+        fail(f"variant {name!r} outputs {width} logits per input but the manifest has {what}")
+
+
+def _validate_preprocessing(manifest: Manifest, fail: Fail) -> None:
+    """An image bundle's `preprocessing` (the JSON form of serve.bundle.preprocessing.PreprocessingSpec) and the
+    graph input it feeds: [batch, channels, height, width]."""
+    spec = manifest.data.get("preprocessing")
+    if not isinstance(spec, dict):
+        fail(f"an image bundle needs 'preprocessing' {{size, color_mode, mean, std, resample, rescale}}, got {spec!r}")
+    unknown, missing = sorted(set(spec) - set(PREPROCESSING_KEYS)), [k for k in PREPROCESSING_KEYS[:4] if k not in spec]
+    if unknown or missing:
+        fail(f"'preprocessing' has unknown keys {unknown} / lacks {missing} (keys: {', '.join(PREPROCESSING_KEYS)})")
+    size, mode = spec["size"], spec["color_mode"]
+    if not isinstance(size, list) or len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size):
+        fail(f"preprocessing size must be [height, width] in pixels, got {size!r}")
+    if mode not in ("L", "RGB"):
+        fail(f"preprocessing color_mode must be 'L' or 'RGB', got {mode!r}")
+    channels = 1 if mode == "L" else 3
+    for key in ("mean", "std"):
+        values = spec[key]
+        if not isinstance(values, list) or len(values) != channels or not all(_is_number(v) for v in values):
+            fail(f"preprocessing {key} must be {channels} number(s) for color mode {mode}, got {values!r}")
+    if min(spec["std"]) <= 0:
+        fail(f"preprocessing std must be positive, got {spec['std']}")
+    if spec.get("resample", "bilinear") not in RESAMPLE_NAMES:
+        fail(f"preprocessing resample must be one of {', '.join(RESAMPLE_NAMES)}, got {spec['resample']!r}")
+    rescale = spec.get("rescale", 1 / 255)
+    if not _is_number(rescale) or rescale <= 0:
+        fail(f"preprocessing rescale must be a positive number, got {rescale!r}")
+    for name, variant in manifest.variants.items():
+        shape = variant["graphs"]["model"]["inputs"][0]["shape"]
+        if len(shape) == 4 and any(_is_int(got) and got != want for got, want in zip(shape[1:], [channels, *size],
+                                                                                      strict=True)):
+            fail(f"variant {name!r} takes images of shape {shape[1:]} (channels, height, width) but preprocessing "
+                 f"makes {[channels, *size]}")
+
+
+def _validate_text(data: dict[str, Any], fail: Fail) -> None:
+    """The `text` and `tokenizer` sections of a text task."""
+    text, tokenizer = data.get("text"), data.get("tokenizer")
+    if text is not None:
+        if not isinstance(text, dict):
+            fail(f"'text' must be a mapping {{max_length, text_column, text_pair_column}}, got {text!r}")
+        length, pair = text.get("max_length"), text.get("text_pair_column")
+        if length is not None and not (_is_int(length) and length >= 1):
+            fail(f"text max_length must be a positive integer or null, got {length!r}")
+        if pair is not None and not isinstance(pair, str):
+            fail(f"text text_pair_column must be a column name or null, got {pair!r}")
+    if tokenizer is not None and not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("file", ""), str)):
+        fail(f"'tokenizer' must be a mapping with the tokenizer's 'file', got {tokenizer!r}")
+
+
+def _validate_causal_lm(manifest: Manifest, fail: Fail) -> None:
+    """`cache` (the decoder graph's past/present names and shapes), `generation` and `chat_template`."""
+    data = manifest.data
+    cache, generation = data.get("cache"), data.get("generation")
+    if not isinstance(cache, dict):
+        fail(f"a causal-lm bundle needs 'cache' {{num_layers, num_kv_heads, head_dim, dtype, past_key, past_value, "
+             f"present_key, present_value}}, got {cache!r}")
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        if not (_is_int(cache.get(key)) and cache[key] >= 1):
+            fail(f"cache {key} must be a positive integer, got {cache.get(key)!r}")
+    if cache.get("dtype") not in CACHE_DTYPES:
+        fail(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache.get('dtype')!r}")
+    patterns = [cache.get(key) for key in ("past_key", "past_value", "present_key", "present_value")]
+    for key, pattern in zip(("past_key", "past_value", "present_key", "present_value"), patterns, strict=True):
+        if not isinstance(pattern, str) or "{i}" not in pattern:
+            fail(f"cache {key} must be a tensor name pattern with {{i}} (e.g. 'past_key_values.{{i}}.key'), got "
+                 f"{pattern!r}")
+    for name, variant in manifest.variants.items():
+        decoder = variant["graphs"]["decoder"]
+        have = {t["name"] for t in decoder["inputs"]} | {t["name"] for t in decoder["outputs"]}
+        # Lazily, layer by layer: a manifest claiming 10**9 layers fails at the first missing name.
+        wanted = itertools.chain(["logits"], (p.replace("{i}", str(i)) for i in range(cache["num_layers"])
+                                              for p in patterns))
+        lacking = next((n for n in wanted if n not in have), None)
+        if lacking is not None:
+            fail(f"variant {name!r}: the decoder graph has no tensor {lacking!r}, which 'cache' names "
+                 f"({cache['num_layers']} layers)")
+        layer = re.compile("|".join(re.escape(p).replace(r"\{i\}", r"(\d+)") for p in patterns[:2]))
+        extra = [t["name"] for t in decoder["inputs"] if (m := layer.fullmatch(t["name"]))
+                 and int(next(g for g in m.groups() if g is not None)) >= cache["num_layers"]]
+        if extra:
+            fail(f"variant {name!r}: the decoder graph takes {extra[0]!r} but 'cache' has only "
+                 f"{cache['num_layers']} layers")
+    if not isinstance(generation, dict):
+        fail(f"a causal-lm bundle needs 'generation' (defaults, pad_token_id, eos_token_id), got {generation!r}")
+    for key, value in generation.items():
+        if key in GENERATION_RULES and value is not None and (problem := generation_setting_problem(key, value)):
+            fail(f"generation {problem}")
+    if not _is_int(generation.get("pad_token_id")):
+        fail(f"generation pad_token_id must be a token id, got {generation.get('pad_token_id')!r}")
+    eos = generation.get("eos_token_id")
+    if eos is not None and not (_is_int(eos) or (isinstance(eos, list) and eos and all(_is_int(e) for e in eos))):
+        fail(f"generation eos_token_id must be a token id, a list of them or null, got {eos!r}")
+    positions = generation.get("max_positions")
+    if positions is not None and not (_is_int(positions) and positions >= 2):
+        fail(f"generation max_positions must be an integer >= 2 or null, got {positions!r}")
+    if not isinstance(data.get("chat_template"), str | None):
+        fail(f"'chat_template' must be a Jinja template string or null, got {type(data['chat_template']).__name__}")
 
 
 def write_manifest(bundle_dir: str | Path, data: dict[str, Any]) -> None:
