@@ -52,7 +52,6 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
         verify = False
     manifest = read_manifest(bundle_dir, verify=False)  # the format, what it says, and that every file is there
     name = variant or manifest.default_variant
-    data = manifest.data
     if verify:
         graph = "decoder" if manifest.task == Task.CAUSAL_LM else "model"
         used = [manifest.graph_path(name, graph).relative_to(manifest.path).as_posix(), manifest.tokenizer_file]
@@ -62,33 +61,31 @@ def load(bundle_dir: str | Path, variant: str | None = None, *, threads: int | N
         if batching is not None:
             raise ServeError("micro-batching applies to classifiers; a text generator streams one prompt per call")
         return load_generator(manifest, name, threads=threads)
-    session = create_session(manifest.graph_path(name, "model"), threads=threads,
-                             settings=manifest.variants[name].get("session"))
+    session = create_session(manifest.graph_path(name, "model"), threads=threads, settings=manifest.session(name))
     forward = _forward(session)
     if manifest.task in TEXT_TASKS:
-        text = data.get("text") or {}
+        text = manifest.text
         return TextClassifier(load_tokenizer(manifest), forward, input_names=[i.name for i in session.get_inputs()],
-                              labels=data.get("labels"), task=manifest.task, max_length=text.get("max_length"),
-                              pair_column=text.get("text_pair_column"), batching=batching, name=label)
-    spec = PreprocessingSpec.from_dict(data["preprocessing"])
-    return ImageClassifier(spec, forward, labels=data.get("labels"), input_name=session.get_inputs()[0].name,
+                              labels=manifest.labels, task=manifest.task, max_length=text.max_length,
+                              pair_column=text.text_pair_column, batching=batching, name=label)
+    spec = PreprocessingSpec.from_dict(manifest.preprocessing)
+    return ImageClassifier(spec, forward, labels=manifest.labels, input_name=session.get_inputs()[0].name,
                            batching=batching, name=label)
 
 
 def load_generator(manifest: Manifest, variant: str, *, threads: int | None = None) -> TextGenerator:
     """A TextGenerator over the variant's KV-cache decoder graph."""
-    data = manifest.data
     decoder = create_session(manifest.graph_path(variant, "decoder"), threads=threads,
-                             settings=manifest.variants[variant].get("session"))
+                             settings=manifest.session(variant))
     tokenizer = load_tokenizer(manifest)
-    generation, section = data.get("generation") or {}, data.get("tokenizer") or {}
-    special = {f"{kind}_token": tokenizer.id_to_token(section[f"{kind}_token_id"]) for kind in ("bos", "eos", "pad")
-               if section.get(f"{kind}_token_id") is not None}
-    return TextGenerator(tokenizer, onnx_step(decoder, data["cache"]),
-                         defaults=GenerationSettings.from_manifest(generation),
-                         eos_token_id=generation.get("eos_token_id"), pad_token_id=generation["pad_token_id"],
-                         max_length=(data.get("text") or {}).get("max_length"),
-                         max_positions=generation.get("max_positions"), chat_template=data.get("chat_template"),
+    generation, section = manifest.generation, manifest.tokenizer
+    ids = {"bos": section.bos_token_id, "eos": section.eos_token_id, "pad": section.pad_token_id}
+    special = {f"{kind}_token": tokenizer.id_to_token(i) for kind, i in ids.items() if isinstance(i, int)}
+    return TextGenerator(tokenizer, onnx_step(decoder, manifest.cache),
+                         defaults=GenerationSettings.from_manifest(generation.defaults),
+                         eos_token_id=generation.eos_token_id, pad_token_id=generation.pad_token_id,
+                         max_length=manifest.text.max_length, max_positions=generation.max_positions,
+                         chat_template=manifest.chat_template,
                          special_tokens=special, name=f"{manifest.path.name}/{variant}")
 
 

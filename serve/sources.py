@@ -39,7 +39,7 @@ class Source:
     def pair_column(self) -> str | None:
         """The column name of a text pair's second text, when the model takes pairs."""
         if self.manifest is not None:
-            return (self.manifest.data.get("text") or {}).get("text_pair_column")
+            return self.manifest.text.text_pair_column
         return self.record.text_pair_column if self.record else None
 
     @property
@@ -59,7 +59,7 @@ class Source:
         """The run directory this source came from, if it still exists here."""
         if self.manifest is None:
             return self.path
-        path = (self.manifest.data.get("source_run") or {}).get("path")  # relative to the bundle
+        path = self.manifest.source_run_path
         return (self.path / path).resolve() if path and (self.path / path).is_dir() else None
 
 
@@ -68,7 +68,7 @@ def open_source(path: str | Path, *, verify: bool = True) -> Source:
     path = Path(path)
     if (path / MANIFEST).is_file() or not path.exists():
         manifest = read_manifest(path, verify=verify)
-        return Source(path, "bundle", manifest.task, manifest.data.get("labels"), manifest=manifest)
+        return Source(path, "bundle", manifest.task, manifest.labels, manifest=manifest)
     task_file = next((p for p in (path / "model" / RUN_RECORD, path / RUN_RECORD) if p.is_file()), None)
     if task_file is None:
         raise ServeError(f"{path} is neither a bundle (no {MANIFEST}) nor a run directory (no model/{RUN_RECORD}); "

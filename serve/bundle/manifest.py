@@ -124,6 +124,7 @@ from typing import Any, NoReturn
 
 from serve.bundle.errors import BundleError
 from serve.bundle.folders import replace_file
+from serve.bundle.sections import GenerationSection, TextSection, TokenizerSection
 from serve.bundle.tasks import TASKS, Task
 
 FORMAT = "tuneforge-bundle"
@@ -161,6 +162,47 @@ class Manifest:
     @property
     def default_variant(self) -> str:
         return self.data["default_variant"]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names, index = class id (None for regression and causal LMs)."""
+        return self.data.get("labels")
+
+    @property
+    def text(self) -> TextSection:
+        return TextSection.from_dict(self.data.get("text"))
+
+    @property
+    def tokenizer(self) -> TokenizerSection:
+        return TokenizerSection.from_dict(self.data.get("tokenizer"))
+
+    @property
+    def generation(self) -> GenerationSection:
+        """Causal LMs' decoding defaults and token ids (validate_manifest refused a bundle without them)."""
+        return GenerationSection.from_dict(self.data["generation"])
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        """Causal LMs: the decoder graph's KV cache layout (serve.bundle.decoding reads its name patterns)."""
+        return self.data["cache"]
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.data.get("chat_template")
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Image tasks: the PreprocessingSpec as a dict (serve.bundle.preprocessing.PreprocessingSpec.from_dict)."""
+        return self.data["preprocessing"]
+
+    @property
+    def source_run_path(self) -> str | None:
+        """The source run's folder, relative to the bundle (absolute in bundles written before 2026-12)."""
+        return (self.data.get("source_run") or {}).get("path")
+
+    def session(self, variant: str) -> dict[str, Any]:
+        """The ONNX Runtime session settings `variant` was measured with (serve.runtime.create_session)."""
+        return self.variants[variant].get("session") or {}
 
     @property
     def tokenizer_file(self) -> str | None:
