@@ -33,6 +33,7 @@ from serve.bundle.manifest import (
     utc_now,
     write_manifest,
 )
+from serve.bundle.records import VariantRecord
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +91,16 @@ def export_run(run: Run, out: str | Path, *, config: ExportConfig | None = None,
                             **task.sections)
         fp32 = task.export(stage, "fp32", opset=config.opset)
         parity = gate_graphs(fp32, {g.role: g.path for g in fp32}, task, config.parity, "fp32")
-        _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, parent=None, parity=parity,
-                     metrics=task.evaluate(fp32[0].path) if config.evaluate else None, session=session)
+        _add_variant(stage, data, "fp32", {g.role: g.path for g in fp32}, VariantRecord(
+            parent=None, parity=parity, metrics=task.evaluate(fp32[0].path) if config.evaluate else None,
+            session=session))
         if config.optimize:
             files, optimization, parity = optimize_variant(task, fp32, stage, "optimized",
                                                            parity=config.optimized_parity or config.parity,
                                                            skip_fusions=config.skip_fusions)
-            _add_variant(stage, data, "optimized", files, parent="fp32", parity=parity, optimization=optimization,
-                         metrics=task.evaluate(files["model"]) if config.evaluate else None, session=session)
+            _add_variant(stage, data, "optimized", files, VariantRecord(
+                parent="fp32", parity=parity, optimization=optimization,
+                metrics=task.evaluate(files["model"]) if config.evaluate else None, session=session))
         data["default_variant"] = "optimized" if config.optimize else "fp32"
         _finish(stage, data)
     for graph in fp32:
@@ -120,20 +123,14 @@ def optimize_variant(task: TaskExport, graphs: list[Graph], folder: Path, name: 
     return files, optimization, gate_graphs(graphs, files, task, parity, name)
 
 
-def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path], *, parent: str | None,
-                parity: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-                optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
-                pruning: dict[str, Any] | None = None, metric_gate: dict[str, Any] | None = None,
-                derived: dict[str, Any] | None = None, session: dict[str, Any] | None = None,
+def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path], record: VariantRecord, *,
                 default: bool = False) -> Manifest:
     """Copy graph files ({"model": path[, "decoder": path]}) that passed their gate into a bundle as variant `name`.
 
-    The caller gates first and passes the verdict (`parity`, and/or `metrics` with the `metric_gate` verdict). The
+    The caller gates first and passes the verdict in `record` (parity, and/or metrics with the metric gate's). The
     files land under new names; replacing manifest.json is the commit point, so a crash leaves the old bundle valid
     (stray files are not in the manifest and are overwritten by the next add).
     """
-    if parity is None and metrics is None:
-        raise ValueError("a variant needs the verdict of its gate: pass parity and/or metrics")
     root = Path(bundle_dir)
     data = read_manifest(root).data
     if name in data["variants"]:
@@ -148,9 +145,7 @@ def add_variant(bundle_dir: str | Path, name: str, graphs: dict[str, str | Path]
         shutil.copyfile(src, tmp)
         replace_file(tmp, dst)
         placed[role] = dst
-    _add_variant(root, data, name, placed, parent=parent, parity=parity, metrics=metrics, optimization=optimization,
-                 quantization=quantization, pruning=pruning, metric_gate=metric_gate, derived=derived,
-                 session=session or session_settings())
+    _add_variant(root, data, name, placed, record)
     if default:
         data["default_variant"] = name
     write_manifest(root, data)
@@ -192,11 +187,7 @@ def gate_graphs(reference: list[Graph], files: dict[str, Path], task: TaskExport
             "top1_agreement": min(top1) if top1 else None, "graphs": records}
 
 
-def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, Path], *, parent: str | None,
-                 parity: dict[str, Any] | None, metrics: dict[str, Any] | None = None,
-                 optimization: dict[str, Any] | None = None, quantization: dict[str, Any] | None = None,
-                 pruning: dict[str, Any] | None = None, metric_gate: dict[str, Any] | None = None,
-                 derived: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> None:
+def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, Path], record: VariantRecord) -> None:
     """Record a variant whose files already sit in `root` under their final names."""
     graphs, opset, zeros, weights = {}, None, 0, 0
     for role, path in files.items():
@@ -208,11 +199,11 @@ def _add_variant(root: Path, data: dict[str, Any], name: str, files: dict[str, P
     import torch
 
     data["variants"][name] = {
-        "graphs": graphs, "created": utc_now(), "parent": parent, "opset": opset, "exporter": EXPORTER,
-        "exporter_version": torch.__version__,
-        "optimization": optimization, "quantization": quantization, "pruning": pruning, "derived": derived,
-        "sparsity": zeros / weights if weights else 0.0, "parity": parity, "metrics": metrics,
-        "metric_gate": metric_gate, "session": session or session_settings(), "latency": None,
+        "graphs": graphs, "created": utc_now(), "parent": record.parent, "opset": opset, "exporter": EXPORTER,
+        "exporter_version": torch.__version__, "optimization": record.optimization,
+        "quantization": record.quantization, "pruning": record.pruning, "derived": record.derived,
+        "sparsity": zeros / weights if weights else 0.0, "parity": record.parity, "metrics": record.metrics,
+        "metric_gate": record.metric_gate, "session": record.session or session_settings(), "latency": None,
         "size_bytes": sum(p.stat().st_size for p in files.values()), "environment": environment(),
     }
 

@@ -65,6 +65,7 @@ from finetune.config import config_from_dict, config_to_dict
 from finetune.errors import ConfigError
 from serve.bundle.folders import relative_path
 from serve.bundle.manifest import Manifest, read_manifest
+from serve.bundle.records import VariantRecord
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +282,8 @@ def export_stage(p: Pipeline, cfg: ExportStage) -> None:
                           "export it to its own bundle")
     fp32 = own.variants["fp32"]
     name = lineage.name("fp32")
-    add_variant(p.bundle, name, {role: own.graph_path("fp32", role) for role in fp32["graphs"]}, parent=None,
-                parity=fp32["parity"], metrics=fp32["metrics"], derived=lineage.derived, session=fp32["session"])
+    add_variant(p.bundle, name, {role: own.graph_path("fp32", role) for role in fp32["graphs"]}, VariantRecord(
+        parent=None, parity=fp32["parity"], metrics=fp32["metrics"], derived=lineage.derived, session=fp32["session"]))
     lineage.variants["fp32"] = name
 
 
@@ -293,9 +294,10 @@ def optimize_stage(p: Pipeline, cfg: OptimizeStage) -> None:
     files, optimization, parity = optimize_variant(
         exported.task, exported.graphs, p.workdir, name, parity=ParityConfig(atol=cfg.atol, rtol=cfg.rtol),
         skip_fusions=tuple(cfg.skip_fusions))
-    add_variant(p.bundle, name, files, parent=lineage.variants["fp32"], parity=parity, optimization=optimization,
-                metrics=exported.task.evaluate(files["model"]), derived=lineage.derived,
-                session=session_settings(cfg.skip_fusions))
+    add_variant(p.bundle, name, files, VariantRecord(
+        parent=lineage.variants["fp32"], parity=parity, optimization=optimization,
+        metrics=exported.task.evaluate(files["model"]), derived=lineage.derived,
+        session=session_settings(cfg.skip_fusions)))
     lineage.variants["optimized"] = name
 
 
@@ -319,9 +321,9 @@ def quantize_stage(p: Pipeline, cfg: QuantizeConfig) -> None:
             path.unlink()
         return
     parent = lineage.variants[outcome.quantization["source"]]
-    add_variant(p.bundle, name, outcome.files, parent=parent, parity=outcome.parity, metrics=outcome.metrics,
-                quantization=outcome.quantization, metric_gate=outcome.metric_gate, derived=lineage.derived,
-                session=manifest.variants[parent]["session"])
+    add_variant(p.bundle, name, outcome.files, VariantRecord(
+        parent=parent, parity=outcome.parity, metrics=outcome.metrics, quantization=outcome.quantization,
+        metric_gate=outcome.metric_gate, derived=lineage.derived, session=manifest.variants[parent]["session"]))
     for path in outcome.files.values():
         path.unlink()
 

@@ -18,6 +18,7 @@ from compress.bundle import add_variant, export_bundle
 from compress.errors import ParityError
 from compress.parity import Case, ParityConfig, check_graph
 from serve.bundle.manifest import BundleError, read_manifest, sha256_file
+from serve.bundle.records import VariantRecord
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,8 +123,8 @@ def test_overwrite_replaces_a_bundle_and_nothing_else(image_run: Path, bundle: P
 def test_add_variant_commits_through_the_manifest(bundle: Path, tmp_path: Path):
     copy = tmp_path / "elsewhere.onnx"
     shutil.copyfile(bundle / "fp32.onnx", copy)
-    manifest = add_variant(bundle, "copy", {"model": copy}, parent="fp32", parity={"passed": True},
-                           quantization={"method": "none"}, default=True)
+    manifest = add_variant(bundle, "copy", {"model": copy}, VariantRecord(
+        parent="fp32", parity={"passed": True}, quantization={"method": "none"}), default=True)
     assert manifest.default_variant == "copy" and manifest.graph_path() == bundle / "copy.onnx"
     entry = manifest.variants["copy"]
     assert entry["quantization"] == {"method": "none"} and entry["pruning"] is None
@@ -131,13 +132,13 @@ def test_add_variant_commits_through_the_manifest(bundle: Path, tmp_path: Path):
     assert manifest.data["files"]["copy.onnx"] == manifest.data["files"]["fp32.onnx"]
     assert sorted(p.name for p in bundle.iterdir()) == ["copy.onnx", "fp32.onnx", "manifest.json"]
 
-    verdict = {"parity": {"passed": True}}
+    gated = VariantRecord(parent="fp32", parity={"passed": True})
     with pytest.raises(BundleError, match="already has a variant 'copy'"):
-        add_variant(bundle, "copy", {"model": copy}, parent="fp32", **verdict)
+        add_variant(bundle, "copy", {"model": copy}, gated)
     with pytest.raises(BundleError, match=r"must provide the graphs \['model'\]"):
-        add_variant(bundle, "two", {"model": copy, "decoder": copy}, parent="fp32", **verdict)
+        add_variant(bundle, "two", {"model": copy, "decoder": copy}, gated)
     with pytest.raises(ValueError, match="needs the verdict of its gate"):
-        add_variant(bundle, "ungated", {"model": copy}, parent="fp32")
+        VariantRecord(parent="fp32")
     assert read_manifest(bundle).variants.keys() == {"fp32", "copy"}
 
 

@@ -1,7 +1,9 @@
-"""The run record, `model/tuneforge.json`: what a recipe records next to the weights, read back by compress (to
-export and score the model) and by the demo. One typed writer and reader; standard library only.
+"""The typed records tuneforge writes: the run record (`model/tuneforge.json`, what a recipe records next to the
+weights, read back by compress and the demo) and a bundle variant's record (how compress made it and what its gates
+said, written into manifest.json). One writer and one reader each; standard library only.
 
-Unknown keys are kept in `extra` and written back, so a record from a newer tuneforge survives a round trip.
+Unknown run-record keys are kept in `extra` and written back, so a record from a newer tuneforge survives a round
+trip.
 """
 
 from __future__ import annotations
@@ -87,3 +89,23 @@ def write_run_record(model_dir: str | Path, record: RunRecord) -> None:
     tmp = temp_path(path)
     tmp.write_text(json.dumps(record.to_dict(), indent=2, default=float) + "\n")
     replace_file(tmp, path)
+
+
+@dataclass
+class VariantRecord:
+    """How a bundle variant was made and the verdicts of its gates (the manifest's variant entry, beyond what the
+    writer measures itself: graphs, opset, sparsity, size, environment). docs/bundle-format.md describes each."""
+
+    parent: str | None  # the variant it was derived from (None: an fp32 export)
+    parity: dict[str, Any] | None = None  # the numeric gate's verdict
+    metrics: dict[str, Any] | None = None  # task metrics on the eval split
+    metric_gate: dict[str, Any] | None = None  # the task-metric gate's verdict
+    optimization: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
+    derived: dict[str, Any] | None = None  # the run-to-run stage (prune, distill) that made its model
+    session: dict[str, Any] | None = None  # ONNX Runtime settings it was measured with
+
+    def __post_init__(self) -> None:
+        if self.parity is None and self.metrics is None:
+            raise ValueError("a variant needs the verdict of its gate: pass parity and/or metrics")
