@@ -202,6 +202,16 @@ def test_prune_and_distill_stages_put_three_models_in_one_report(text_run: Path,
     assert sizes["pruned-fp32"] < sizes["fp32"] and sizes["distilled-fp32"] < sizes["fp32"]
     report = json.loads((out / "report.json").read_text())
     assert {"pruned-fp32", "distilled-fp32"} <= {row["name"] for row in report["rows"]}
+    # No absolute path of the machine that built them (issue 14.8): manifest, report, pruning and distillation
+    # records name runs relative to the bundle or by name.
+    shipped = [out / "manifest.json", out / "report.json", out / "report.md",
+               *sorted((tmp_path / "bundle-runs").glob("*/model/tuneforge.json")),
+               *sorted((tmp_path / "bundle-runs").glob("*/metrics.json"))]
+    assert len(shipped) == 7
+    for path in shipped:
+        text = path.read_text()
+        for absolute in (str(tmp_path.resolve()), str(text_run.resolve().parent)):
+            assert absolute not in text, f"{path.relative_to(tmp_path)} holds {absolute}"
     with pytest.raises(ConfigError, match=r"stages\[0\]: a source stage goes back"):
         plan_stages([{"source": {}}])
     with pytest.raises(ConfigError, match=r"stages\[2\]: a second prune stage would overwrite"):
