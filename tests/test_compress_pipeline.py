@@ -153,7 +153,7 @@ class CopyConfig:
     note: str = "same weights"
 
 
-def copy_run(run_dir: Path, out: Path, *, config: CopyConfig, overwrite: bool = False) -> Path:
+def copy_run(run_dir: Path, out: Path, *, config: CopyConfig, overwrite: bool = False, trainer=None) -> Path:
     """A stand-in for prune_run / distill_run: writes a new run directory (here the same model)."""
     shutil.copytree(run_dir, out)
     return out
