@@ -28,7 +28,8 @@ RGB = PreprocessingSpec(size=(6, 8), color_mode="RGB", mean=[0.5, 0.4, 0.3], std
 
 def test_module_imports_without_torch_or_transformers():
     loaded = top_level(modules_after("import serve.bundle.preprocessing"))
-    assert "serve" in loaded and "finetune" not in loaded and "PIL" in loaded and "numpy" in loaded  # the import really ran
+    assert "serve" in loaded and "PIL" in loaded and "numpy" in loaded  # the import really ran
+    assert "finetune" not in loaded  # the bundle floor imports nothing else of tuneforge
     for heavy in ("torch", "transformers", "datasets", "accelerate", "sklearn"):
         assert heavy not in loaded, f"serve.bundle.preprocessing imported {heavy}"
 
