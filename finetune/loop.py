@@ -1,4 +1,4 @@
-"""What every training recipe shares around its loop: settings, start-up, the step clock, model selection, results.
+"""What every training recipe shares around its loop: settings, start-up, the cadence, timing, model selection, results.
 
 The loop itself (forward, backward, clip, optimizer step, when to evaluate and save) stays in each recipe, where a
 reader sees it; these pieces keep the bookkeeping the same in all of them.
@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from finetune.checkpoint import (
     CheckpointConfig,
@@ -117,86 +116,71 @@ def resolve_mixed_precision(requested: str) -> str:
     return requested
 
 
-@dataclass
-class Due:
-    """What is due after an optimizer step."""
+class Cadence:
+    """How many optimizer steps the run takes, and whether it is time to log, evaluate or save a checkpoint."""
 
-    log: bool
-    evaluate: bool
-    checkpoint: bool
-    epoch_end: bool
-    last: bool  # the step budget (epochs x steps per epoch, or max_steps) is spent
-
-
-class StepClock:
-    """Counts optimizer steps into `state`, feeds each epoch's batches (skipping those done before a resume), times
-    training (evaluation and checkpoints excluded) and says what is due after each step.
-
-    `num_batches` is the per-process length of the train loader.
-    """
-
-    def __init__(self, state: TrainState, train: TrainConfig, checkpoint: CheckpointConfig, num_batches: int,
-                 *, show_progress: bool):
-        self.state = state
+    def __init__(self, train: TrainConfig, checkpoint: CheckpointConfig, num_batches: int):
+        """`num_batches` is the per-process length of the train loader."""
         self.train = train
         self.checkpoint = checkpoint
         epoch_steps = math.ceil(num_batches / train.gradient_accumulation_steps)
-        self.epoch_steps = min(epoch_steps, train.max_steps_per_epoch or epoch_steps)
-        self.total_steps = min(self.epoch_steps * train.epochs,
+        self.epoch_steps = min(epoch_steps, train.max_steps_per_epoch or epoch_steps)  # optimizer steps per epoch
+        self.total_steps = min(self.epoch_steps * train.epochs,  # optimizer steps in all, for the lr schedule
                                math.inf if train.max_steps is None else train.max_steps)
-        self.train_seconds = 0.0  # this session's, for samples/s
-        self.session_samples = 0
-        self._tick: float | None = None
-        self.progress = tqdm(total=self.total_steps, initial=state.global_step, desc="train",
-                             disable=not show_progress)
 
-    @property
-    def done(self) -> bool:
-        return self.state.global_step >= self.total_steps or self.state.epoch >= self.train.epochs
+    def finished(self, state: TrainState) -> bool:
+        """Whether the step budget (epochs x steps per epoch, or max_steps) is spent."""
+        return state.global_step >= self.total_steps or state.epoch >= self.train.epochs
 
-    def epoch_batches(self, accelerator: Accelerator, loader: Any) -> Iterator[dict[str, Any]]:
-        """The batches of the epoch in progress, after those a resumed run already trained on; counts samples
-        (the length of `batch["labels"]`, over all processes)."""
-        loader.set_epoch(self.state.epoch)
-        skip = self.state.step_in_epoch * self.train.gradient_accumulation_steps
-        batches: Iterable[dict[str, Any]] = accelerator.skip_first_batches(loader, skip) if skip else loader
-        self._tick = time.perf_counter()
+    def time_to_log(self, state: TrainState) -> bool:
+        """Whether to log the training loss after this step."""
+        return state.global_step % self.train.log_every_n_steps == 0
+
+    def time_to_evaluate(self, state: TrainState, epoch_end: bool) -> bool:
+        """Whether to evaluate after this step: at epoch ends, the last step and every `eval_every_n_steps`."""
+        every = self.train.eval_every_n_steps
+        return epoch_end or self.finished(state) or bool(every and state.global_step % every == 0)
+
+    def time_to_checkpoint(self, state: TrainState, epoch_end: bool) -> bool:
+        """Whether to save a checkpoint after this step: at epoch ends (with `at_epoch_end`), the last step and every
+        `checkpoint.every_n_steps`."""
+        every = self.checkpoint.every_n_steps
+        return ((epoch_end and self.checkpoint.at_epoch_end) or self.finished(state)
+                or bool(every and state.global_step % every == 0))
+
+
+class TrainTimer:
+    """Seconds spent training in this session and samples trained on, for samples/s; logging, evaluation and
+    checkpoints are not timed."""
+
+    def __init__(self, accelerator: Accelerator, state: TrainState):
+        self.state = state
+        self.num_processes = accelerator.num_processes
+        self.seconds = 0.0  # training time of this session
+        self.samples = 0  # samples of this session, over all processes
+        self._since: float | None = None  # perf_counter() when the running stretch began; None: paused
+
+    def timed(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """`batches`, timed from the first request until `pause` and again from the next request; each batch's
+        samples (the length of `batch["labels"]`, over all processes) are counted into `state.samples_seen`."""
+        self._since = time.perf_counter()
         for batch in batches:
-            samples = len(batch["labels"]) * accelerator.num_processes
+            samples = len(batch["labels"]) * self.num_processes
             self.state.samples_seen += samples
-            self.session_samples += samples
+            self.samples += samples
             yield batch
-            if self._tick is None:  # resumed after a step and what was due then (eval, checkpoint: not timed)
-                self._tick = time.perf_counter()
+            if self._since is None:  # paused at the step before (evaluation, checkpoint: not timed)
+                self._since = time.perf_counter()
 
-    def advance(self) -> Due:
-        """Record one optimizer step; say what is due now."""
-        if self._tick is not None:
-            self.train_seconds += time.perf_counter() - self._tick
-            self._tick = None
-        state, train = self.state, self.train
-        state.global_step += 1
-        state.step_in_epoch += 1
-        self.progress.update(1)
-        epoch_end = state.step_in_epoch >= self.epoch_steps
-        if epoch_end:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        every_eval, every_save = train.eval_every_n_steps, self.checkpoint.every_n_steps
-        last = self.done
-        return Due(
-            log=state.global_step % train.log_every_n_steps == 0,
-            evaluate=epoch_end or last or bool(every_eval and state.global_step % every_eval == 0),
-            checkpoint=(epoch_end and self.checkpoint.at_epoch_end) or last
-            or bool(every_save and state.global_step % every_save == 0),
-            epoch_end=epoch_end,
-            last=last,
-        )
+    def pause(self) -> None:
+        """Stop the clock until the next batch is requested."""
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
 
     def samples_per_second(self) -> float | None:
-        return round(self.session_samples / self.train_seconds, 3) if self.train_seconds else None
-
-    def close(self) -> None:
-        self.progress.close()
+        """This session's samples over its training seconds; None before the first step."""
+        return round(self.samples / self.seconds, 3) if self.seconds else None
 
 
 class LossMeter:
@@ -218,9 +202,8 @@ class LossMeter:
         return mean
 
 
-def select_and_stop(accelerator: Accelerator, state: TrainState, metrics: dict[str, Any],
-                    checkpoint: CheckpointConfig, early_stopping: EarlyStoppingConfig,
-                    save_model: Callable[[], None]) -> bool:
+def record_eval(accelerator: Accelerator, state: TrainState, metrics: dict[str, Any], checkpoint: CheckpointConfig,
+                early_stopping: EarlyStoppingConfig, save_model: Callable[[], None]) -> bool:
     """Log an evaluation; call `save_model` when it is the best so far (or always, with select_best off);
     return whether early stopping says to stop."""
     accelerator.log(scalars(metrics), step=state.global_step)
@@ -242,7 +225,7 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def write_results(accelerator: Accelerator, run_dir: Path, state: TrainState, last_eval: dict[str, Any],
-                  clock: StepClock, *, curve_metric: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  timer: TrainTimer, *, curve_metric: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """metrics.json (the saved model's eval metrics first, then `extra`), curves.png, and confusion_matrix.png for
     classifiers."""
     saved = read_run_record(run_dir / MODEL_DIR)
@@ -251,8 +234,8 @@ def write_results(accelerator: Accelerator, run_dir: Path, state: TrainState, la
         "model_step": saved.step,
         "last_eval": last_eval,
         "train": {"steps": state.global_step, "epochs_completed": state.epoch, "samples": state.samples_seen,
-                  "seconds_this_session": round(clock.train_seconds, 3),
-                  "samples_per_second": clock.samples_per_second()},
+                  "seconds_this_session": round(timer.seconds, 3),
+                  "samples_per_second": timer.samples_per_second()},
         **(extra or {}),
     }
     if accelerator.is_main_process:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from compress.distill import every_other_layer, kd_loss, layer_subset_student
 from compress.source import load_model, load_tokenizer, read_run
@@ -32,7 +33,7 @@ from finetune.checkpoint import (
 from finetune.config import check_bounds, config_from_dict, config_to_dict, parse_config
 from finetune.errors import ConfigError, exit_on_user_error
 from finetune.evaluation import predict, score_classifier
-from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
+from finetune.loop import Cadence, LossMeter, TrainConfig, TrainTimer, open_run, record_eval, start_run, write_results
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.rundir import MODEL_DIR, save_model_dir
 from finetune.shapes import record_shapes_
@@ -95,9 +96,8 @@ def main(cfg: Config) -> dict[str, Any]:
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     run_dir = open_run(accelerator, cfg, cfg.train, resume)  # created only now that data and model loaded
     state = resume_state(run_dir, resume)
-    clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
-                      show_progress=accelerator.is_local_main_process)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.optim, clock.total_steps))
+    cadence = Cadence(cfg.train, cfg.checkpoint, len(train_loader))  # steps per epoch, in all; when to log, eval, save
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.optim, cadence.total_steps))
 
     # 4. Resume; what model/tuneforge.json records: the teacher's task metadata and how the student was made.
     checkpoints = CheckpointManager(accelerator, run_dir, cfg.checkpoint)
@@ -121,17 +121,23 @@ def main(cfg: Config) -> dict[str, Any]:
         logits, labels = predict(accelerator, model, eval_loader)
         metrics = score_classifier(logits, labels, num_labels=len(label_names),
                                    label_names=label_names if image else None)
-        stop = select_and_stop(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, lambda: save_model_dir(
+        stop = record_eval(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, lambda: save_model_dir(
             accelerator, model, processor, run_dir / MODEL_DIR, replace(record, step=state.global_step, eval=metrics)))
         return metrics, stop
 
-    # 5. The loop: teacher logits (cached or on the fly), KD loss, accumulate, clip, step; evaluate and checkpoint.
-    losses = LossMeter(accelerator.device)
+    # 5. The loop, epoch by epoch: teacher logits (cached or on the fly), KD loss, accumulate, clip, step; evaluate.
+    progress = tqdm(total=cadence.total_steps, initial=state.global_step, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    losses, timer = LossMeter(accelerator.device), TrainTimer(accelerator, state)
     metrics: dict[str, Any] = {}
     stop = stopped_early(state, cfg.early_stopping)  # a resumed run that had stopped early stays stopped
-    model.train()
-    while not stop and not clock.done:
-        for batch in clock.epoch_batches(accelerator, train_loader):
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if stop or cadence.finished(state):
+            break
+        model.train()
+        train_loader.set_epoch(epoch)  # the epoch's shuffle
+        skip = state.step_in_epoch * cfg.train.gradient_accumulation_steps  # batches trained on before a resume
+        for batch in timer.timed(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader):
             labels, cached = batch.pop("labels"), batch.pop("teacher_logits", None)
             if augment is not None:  # keyed by the samples seen: a resumed run repeats it exactly
                 batch["pixel_values"] = augment(batch["pixel_values"], key=state.samples_seen)
@@ -150,25 +156,31 @@ def main(cfg: Config) -> dict[str, Any]:
                 optimizer.zero_grad()
             losses.add(loss)
             if not accelerator.sync_gradients:
-                continue
-            due = clock.advance()
-            if due.log:
+                continue  # accumulating: one optimizer step per gradient_accumulation_steps batches
+            timer.pause()  # until the next batch: logging, evaluation and checkpoints are not training time
+            state.global_step += 1
+            state.step_in_epoch += 1
+            progress.update(1)
+            epoch_end = state.step_in_epoch >= cadence.epoch_steps
+            if epoch_end:  # a checkpoint saved from here on resumes at the next epoch's start
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+            if cadence.time_to_log(state):
                 accelerator.log({"train_loss": losses.pop(accelerator), "lr": scheduler.get_last_lr()[0]},
                                 step=state.global_step)
-            if due.evaluate:
+            if cadence.time_to_evaluate(state, epoch_end):
                 metrics, stop = evaluate()
                 model.train()
-            if due.checkpoint or stop:
+            if cadence.time_to_checkpoint(state, epoch_end) or stop:
                 checkpoints.save(state)
-            if stop or due.epoch_end or due.last:
+            if stop or epoch_end or cadence.finished(state):
                 break
-    clock.close()
+    progress.close()
 
     # 6. The final model's metrics and plots (a run resumed after its last step evaluates once here).
     if not metrics:
         metrics, _ = evaluate()
     accelerator.end_training()
-    return write_results(accelerator, run_dir, state, metrics, clock, curve_metric=cfg.checkpoint.best_metric)
+    return write_results(accelerator, run_dir, state, metrics, timer, curve_metric=cfg.checkpoint.best_metric)
 
 
 def text_data(cfg: Config, teacher_run: Any, teacher: torch.nn.Module, accelerator: Any) -> tuple:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from finetune.checkpoint import (
     CheckpointConfig,
     CheckpointManager,
@@ -27,7 +29,7 @@ from finetune.checkpoint import (
 from finetune.config import config_to_dict, parse_config
 from finetune.errors import exit_on_user_error
 from finetune.evaluation import predict, score_classifier
-from finetune.loop import LossMeter, StepClock, TrainConfig, open_run, select_and_stop, start_run, write_results
+from finetune.loop import Cadence, LossMeter, TrainConfig, TrainTimer, open_run, record_eval, start_run, write_results
 from finetune.optim import OptimConfig, build_optimizer, build_scheduler
 from finetune.plots import plot_misclassified
 from finetune.rundir import MODEL_DIR, save_model_dir
@@ -79,9 +81,8 @@ def main(cfg: Config) -> dict[str, Any]:
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     run_dir = open_run(accelerator, cfg, cfg.train, resume)  # created only now that data and model loaded
     state = resume_state(run_dir, resume)  # the loop's position: step, epoch, best metric
-    clock = StepClock(state, cfg.train, cfg.checkpoint, len(train_loader),
-                      show_progress=accelerator.is_local_main_process)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.optim, clock.total_steps))
+    cadence = Cadence(cfg.train, cfg.checkpoint, len(train_loader))  # steps per epoch, in all; when to log, eval, save
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.optim, cadence.total_steps))
 
     # 4. Resume: weights, optimizer, scheduler and RNG states.
     checkpoints = CheckpointManager(accelerator, run_dir, cfg.checkpoint)
@@ -105,16 +106,22 @@ def main(cfg: Config) -> dict[str, Any]:
                 plot_misclassified(splits["eval"].images, labels, logits.argmax(axis=1), label_names,
                                    run_dir / "misclassified.png")
 
-        stop = select_and_stop(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, save_best)
+        stop = record_eval(accelerator, state, metrics, cfg.checkpoint, cfg.early_stopping, save_best)
         return metrics, stop
 
-    # 5. The loop: augment (train batches only), accumulate, clip, step; evaluate, checkpoint, stop early on schedule.
-    losses = LossMeter(accelerator.device)
+    # 5. The loop, epoch by epoch: augment (train batches only), accumulate, clip, step; log, evaluate, checkpoint.
+    progress = tqdm(total=cadence.total_steps, initial=state.global_step, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    losses, timer = LossMeter(accelerator.device), TrainTimer(accelerator, state)
     metrics: dict[str, Any] = {}
     stop = stopped_early(state, cfg.early_stopping)  # a resumed run that had stopped early stays stopped
-    model.train()
-    while not stop and not clock.done:
-        for batch in clock.epoch_batches(accelerator, train_loader):
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if stop or cadence.finished(state):
+            break
+        model.train()
+        train_loader.set_epoch(epoch)  # the epoch's shuffle
+        skip = state.step_in_epoch * cfg.train.gradient_accumulation_steps  # batches trained on before a resume
+        for batch in timer.timed(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader):
             # The augmentation's randomness is keyed by the samples seen, so a resumed run repeats it exactly.
             batch["pixel_values"] = augment(batch["pixel_values"], key=state.samples_seen)
             with accelerator.accumulate(model):
@@ -128,25 +135,31 @@ def main(cfg: Config) -> dict[str, Any]:
                 optimizer.zero_grad()
             losses.add(loss)
             if not accelerator.sync_gradients:
-                continue
-            due = clock.advance()
-            if due.log:
+                continue  # accumulating: one optimizer step per gradient_accumulation_steps batches
+            timer.pause()  # until the next batch: logging, evaluation and checkpoints are not training time
+            state.global_step += 1
+            state.step_in_epoch += 1
+            progress.update(1)
+            epoch_end = state.step_in_epoch >= cadence.epoch_steps
+            if epoch_end:  # a checkpoint saved from here on resumes at the next epoch's start
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+            if cadence.time_to_log(state):
                 accelerator.log({"train_loss": losses.pop(accelerator), "lr": scheduler.get_last_lr()[0]},
                                 step=state.global_step)
-            if due.evaluate:
+            if cadence.time_to_evaluate(state, epoch_end):
                 metrics, stop = evaluate()
                 model.train()
-            if due.checkpoint or stop:
+            if cadence.time_to_checkpoint(state, epoch_end) or stop:
                 checkpoints.save(state)
-            if stop or due.epoch_end or due.last:
+            if stop or epoch_end or cadence.finished(state):
                 break
-    clock.close()
+    progress.close()
 
     # 6. The final model's metrics and plots (a run resumed after its last step evaluates once here).
     if not metrics:
         metrics, _ = evaluate()
     accelerator.end_training()
-    return write_results(accelerator, run_dir, state, metrics, clock, curve_metric=cfg.checkpoint.best_metric)
+    return write_results(accelerator, run_dir, state, metrics, timer, curve_metric=cfg.checkpoint.best_metric)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from finetune.checkpoint import (
     update_early_stopping,
 )
 from finetune.errors import CheckpointError, ConfigError
-from finetune.loop import select_and_stop
+from finetune.loop import record_eval
 from finetune.rundir import open_run_dir, write_json
 from serve.bundle.folders import RUN_MARKER, read_run_marker, write_run_marker
 
@@ -237,12 +237,12 @@ def test_a_run_stopped_early_stays_stopped_on_resume():
     assert not stopped_early(state, EarlyStoppingConfig(patience=0))
 
 
-def test_select_and_stop_keeps_a_model_when_the_metric_is_nan():
+def test_record_eval_keeps_a_model_when_the_metric_is_nan():
     accelerator, cfg, saved = SimpleNamespace(log=lambda *a, **k: None), CheckpointConfig(), []
     state = TrainState()
     for step, loss in enumerate([float("nan"), 0.7, float("nan"), 0.5, 0.6], start=1):
         state.global_step = step
-        select_and_stop(accelerator, state, {"eval_loss": loss}, cfg, EarlyStoppingConfig(),
+        record_eval(accelerator, state, {"eval_loss": loss}, cfg, EarlyStoppingConfig(),
                         lambda: saved.append(state.global_step))
     assert saved == [1, 2, 4]  # the first model (NaN) so the run has one, then each finite best
     assert (state.best_metric, state.best_step) == (0.5, 4)
