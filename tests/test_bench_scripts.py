@@ -1,0 +1,24 @@
+"""Every benchmark script starts as users run it (`python bench/<name>.py`): its imports resolve from the bench
+folder (a script named like a package would shadow it) and its options parse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "common.py")
+
+
+def test_the_scripts_are_found():
+    assert len(SCRIPTS) >= 6
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_script_help_runs(script):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
