@@ -9,8 +9,8 @@
     print(deletion_insertion(model, "A dull, lifeless film with one good scene.", why))
 
 Every method only runs the predictor's own model on perturbed inputs (`TextClassifier.logits` on masked texts,
-`ImageClassifier.forward` on masked pixels), batched, so it explains exactly the graph an app serves (an ONNX variant, or
-a run directory's PyTorch model through serve.pytorch) with the bundle's own tokenizer and preprocessing.
+`ImageClassifier.forward` on masked pixels), batched, so it explains exactly the graph an app serves (an ONNX variant,
+or a run directory's PyTorch model through serve.pytorch) with the bundle's own tokenizer and preprocessing.
 
 Text (features are words: runs of letters/digits found by a regex with their character offsets, so word pieces of one
 word go together and attributions map back onto the text; punctuation is never masked):
@@ -42,7 +42,6 @@ Imports numpy, Pillow and the runtime's own modules only (no torch; a test check
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,16 +50,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from compress.inputs import words_of
 from finetune.image_preprocessing import ImageError, ImageInput, load_image
 from serve.errors import InputError
 from serve.predictors import CHUNK, ImageClassifier, TextClassifier, softmax
+
+__all__ = ["Faithfulness", "ImageExplanation", "TextExplanation", "deletion_insertion", "explain", "highlight",
+           "words_of"]
 
 TEXT_METHODS = ("occlusion", "shap")
 IMAGE_METHODS = ("occlusion", "rise")
 DEFAULT_SAMPLES = {"shap": 64, "rise": 512}  # coalitions / masks scored; occlusion's count follows from the input
 REPLACEMENTS = ("mask", "remove")
 BASELINES = ("mean", "black")
-WORD = re.compile(r"\w+(?:['’\-]\w+)*")  # letters/digits, keeping contractions and hyphenated words whole
 MASK_TOKENS = ("[MASK]", "<mask>", "[UNK]", "<unk>")  # tried in order: a mask token, then an unknown token
 RISE_GRID = 7  # cells per side of a RISE mask before upsampling (the paper's s for 224 px; fine for 28 px too)
 RISE_KEEP = 0.5  # probability that a RISE cell keeps the image
@@ -93,19 +95,8 @@ class TextExplanation:
         return [(self.words[i], float(self.attributions[i])) for i in order]
 
     def highlighted(self) -> list[tuple[str, float | None]]:
-        """The whole text as (piece, score) chunks: words with their attribution scaled to [-1, 1] (by the largest
-        magnitude), the text between them with None (gr.HighlightedText's format)."""
-        scale = float(np.abs(self.attributions).max()) if len(self.attributions) else 0.0
-        out: list[tuple[str, float | None]] = []
-        last = 0
-        for (start, end), value in zip(self.spans, self.attributions, strict=True):
-            if start > last:
-                out.append((self.text[last:start], None))
-            out.append((self.text[start:end], round(float(value) / scale, 4) if scale > 0 else 0.0))
-            last = end
-        if last < len(self.text):
-            out.append((self.text[last:], None))
-        return out
+        """The whole text as (piece, score) chunks for gr.HighlightedText (see `highlight`)."""
+        return highlight(self.text, self.spans, self.attributions)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: method, target, words with attributions, and the cost."""
@@ -201,7 +192,25 @@ class Faithfulness:
                 f"{self.insertion_auc:.3f} (random {self.random_insertion_auc:.3f})")
 
 
-# --- the public functions ---------------------------------------------------------------------------------------------
+def highlight(text: str, spans: Sequence[tuple[int, int]],
+              attributions: np.ndarray | Sequence[float]) -> list[tuple[str, float | None]]:
+    """`text` as (piece, score) chunks: each word with its attribution scaled to [-1, 1] by the largest magnitude,
+    the text between words with None (gr.HighlightedText's format; positive toward the target)."""
+    values = np.asarray(attributions, dtype=np.float64)
+    scale = float(np.abs(values).max()) if len(values) else 0.0
+    out: list[tuple[str, float | None]] = []
+    last = 0
+    for (start, end), value in zip(spans, values, strict=True):
+        if start > last:
+            out.append((text[last:start], None))
+        out.append((text[start:end], round(float(value) / scale, 4) if scale > 0 else 0.0))
+        last = end
+    if last < len(text):
+        out.append((text[last:], None))
+    return out
+
+
+# --- the public functions --------------------------------------------------------------------------------------------
 
 def explain(predictor: TextClassifier | ImageClassifier, input: str | ImageInput, *, method: str = "occlusion",
             target: str | int | None = None, samples: int | None = None, seed: int = 0, pair: str | None = None,
@@ -294,12 +303,7 @@ def deletion_insertion(predictor: TextClassifier | ImageClassifier, input: str |
                         model_calls=score.calls, seconds=time.perf_counter() - start, seeds=seeds)
 
 
-def words_of(text: str) -> list[tuple[int, int]]:
-    """Character spans of the words of `text` (runs of letters and digits; contractions and hyphenations whole)."""
-    return [m.span() for m in WORD.finditer(text)]
-
-
-# --- text --------------------------------------------------------------------------------------------------------------
+# --- text -------------------------------------------------------------------------------------------------------------
 
 class _Scorer:
     """p(target) of perturbed inputs, counting the rows scored and the model runs."""
@@ -427,7 +431,7 @@ def _kernel_shap(score: _Scorer, n: int, samples: int, rng: np.random.Generator)
     return np.append(phi, delta - phi.sum()), float(full)
 
 
-# --- images ------------------------------------------------------------------------------------------------------------
+# --- images -----------------------------------------------------------------------------------------------------------
 
 def _explain_image(predictor: ImageClassifier, image: Any, *, method: str, target: str | int | None,
                    samples: int | None, seed: int, baseline: str, patch: int | None, stride: int | None,
@@ -559,7 +563,7 @@ def _pixels(predictor: ImageClassifier, image: Any) -> np.ndarray:
     return predictor.preprocess([_checked_image(image)])[0]
 
 
-# --- checks and targets ------------------------------------------------------------------------------------------------
+# --- checks and targets -----------------------------------------------------------------------------------------------
 
 def _checked_method(method: Any, methods: tuple[str, ...], kind: str) -> str:
     if method not in methods:

@@ -128,7 +128,7 @@ def region_image(scale: int = 1, seed: int = 0) -> np.ndarray:
     return np.kron(small, np.ones((scale, scale), np.uint8))
 
 
-# --- text --------------------------------------------------------------------------------------------------------------
+# --- text -------------------------------------------------------------------------------------------------------------
 
 def test_the_planted_word_decides_the_tiny_model(text_bundle: Path):
     model = runtime.load(text_bundle)
@@ -157,6 +157,12 @@ def test_every_text_method_puts_the_planted_word_on_top(text_bundle: Path, metho
     chunks = why.highlighted()
     assert "".join(piece for piece, _ in chunks) == TEXT
     assert dict((p, s) for p, s in chunks if s is not None)[PLANTED] == 1.0
+
+
+def test_predictors_explain_beside_predict(text_bundle: Path, image_bundle: Path):
+    text = runtime.load(text_bundle)
+    assert text.explain(TEXT, method="shap", seed=1).top(1)[0][0] == PLANTED
+    assert inside_top(runtime.load(image_bundle).explain(region_image(), method="rise").attributions)
 
 
 def test_kernel_shap_is_exact_shapley_on_short_texts(text_bundle: Path):
@@ -205,7 +211,7 @@ def test_words_past_the_models_limit_are_not_explained(text_bundle: Path):
     assert why.truncated and 50 < len(why.words) < 70 and why.top(1)[0][0] == PLANTED
 
 
-# --- images ------------------------------------------------------------------------------------------------------------
+# --- images -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", IMAGE_METHODS)
 def test_every_image_method_puts_the_planted_region_on_top(image_bundle: Path, method: str):
@@ -254,7 +260,7 @@ def inside_top(attributions: np.ndarray) -> bool:
     return REGION[0].start <= top[0] < REGION[0].stop and REGION[1].start <= top[1] < REGION[1].stop
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 def test_bad_input_gets_one_clear_line(text_bundle: Path, image_bundle: Path):
     text, image = runtime.load(text_bundle), runtime.load(image_bundle)
