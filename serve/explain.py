@@ -56,7 +56,7 @@ from serve.errors import InputError
 from serve.predictors import CHUNK, ImageClassifier, TextClassifier, softmax
 
 __all__ = ["Faithfulness", "ImageExplanation", "TextExplanation", "deletion_insertion", "explain", "highlight",
-           "words_of"]
+           "overlay", "words_of"]
 
 TEXT_METHODS = ("occlusion", "shap")
 IMAGE_METHODS = ("occlusion", "rise")
@@ -127,15 +127,8 @@ class ImageExplanation:
     settings: dict[str, Any] = field(default_factory=dict)  # patch and stride (occlusion), grid and keep (rise)
 
     def overlay(self, image: ImageInput, *, alpha: float = 0.5) -> Image.Image:
-        """The image (RGB) with the heatmap blended over it: red where pixels push toward the target, blue against."""
-        base = load_image(image).convert("RGB")
-        heat = self.heatmap / max(float(np.abs(self.heatmap).max()), 1e-12)  # [-1, 1]
-        colour = np.zeros((*heat.shape, 3), np.float32)
-        colour[..., 0] = np.clip(heat, 0, 1) * 255
-        colour[..., 2] = np.clip(-heat, 0, 1) * 255
-        weight = (alpha * np.abs(heat))[..., None]
-        mixed = np.asarray(base, np.float32) * (1 - weight) + colour * weight
-        return Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
+        """The image (RGB) with the heatmap blended over it (see `overlay`)."""
+        return overlay(image, self.heatmap, alpha=alpha)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "target": self.target, "score": self.score, "baseline": self.baseline,
@@ -208,6 +201,21 @@ def highlight(text: str, spans: Sequence[tuple[int, int]],
     if last < len(text):
         out.append((text[last:], None))
     return out
+
+
+def overlay(image: ImageInput, heatmap: np.ndarray, *, alpha: float = 0.5) -> Image.Image:
+    """The image (RGB) with a heatmap of its size blended over it: red where pixels push toward the target, blue
+    against, opacity growing with the magnitude (scaled by the largest)."""
+    base = load_image(image).convert("RGB")
+    if heatmap.shape != (base.size[1], base.size[0]):
+        heatmap = _resize(heatmap, base.size[1], base.size[0])
+    heat = heatmap / max(float(np.abs(heatmap).max()), 1e-12)  # [-1, 1]
+    colour = np.zeros((*heat.shape, 3), np.float32)
+    colour[..., 0] = np.clip(heat, 0, 1) * 255
+    colour[..., 2] = np.clip(-heat, 0, 1) * 255
+    weight = (alpha * np.abs(heat))[..., None]
+    mixed = np.asarray(base, np.float32) * (1 - weight) + colour * weight
+    return Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
 
 
 # --- the public functions --------------------------------------------------------------------------------------------
