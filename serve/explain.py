@@ -41,9 +41,12 @@ Imports numpy, Pillow and the runtime's own modules only (no torch; a test check
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +69,8 @@ BASELINES = ("mean", "black")
 MASK_TOKENS = ("[MASK]", "<mask>", "[UNK]", "<unk>")  # tried in order: a mask token, then an unknown token
 RISE_GRID = 7  # cells per side of a RISE mask before upsampling (the paper's s for 224 px; fine for 28 px too)
 RISE_KEEP = 0.5  # probability that a RISE cell keeps the image
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -358,6 +363,9 @@ def _explained_words(predictor: TextClassifier, text: str, pair: str | None, *,
         raise InputError(f"the text {text[:40]!r} has no words to explain; pass a text with letters or digits")
     encoding = predictor.tokenizer.encode(text, pair) if pair is not None else predictor.tokenizer.encode(text)
     truncated = bool(encoding.overflowing)
+    if truncated and with_truncation:
+        logger.warning("the text is longer than the model's limit of %s tokens: the words past the cut are not "
+                       "explained", predictor.max_length)
     if truncated:
         ends = [end for (_, end), sid in zip(encoding.offsets, encoding.sequence_ids, strict=True) if sid == 0]
         cut = max(ends, default=0)
@@ -400,10 +408,41 @@ def _text_scorer(predictor: TextClassifier, text: str, pair: str | None, spans: 
 
     def run(keep: np.ndarray) -> np.ndarray:
         batch = texts(keep)
-        logits = predictor.logits(batch, None if pair is None else [pair] * len(batch))
+        with _quiet_truncation():  # one warning per explanation (below), not one per masked batch
+            logits = predictor.logits(batch, None if pair is None else [pair] * len(batch))
         return logits[:, 0].astype(np.float64) if regression else softmax(logits)[:, index]
 
     return _Scorer(run, index)
+
+
+class _ThreadFilter(logging.Filter):
+    """Drops the predictors' truncation warnings raised on threads that are scoring masked texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.get_ident() not in self.threads
+
+
+_FILTER = _ThreadFilter()
+_FILTER_LOCK = threading.Lock()
+
+
+@contextmanager
+def _quiet_truncation() -> Iterator[None]:
+    """Within this block, serve.predictors' warnings from this thread are dropped (other threads keep theirs)."""
+    with _FILTER_LOCK:
+        predictors_logger = logging.getLogger("serve.predictors")
+        if _FILTER not in predictors_logger.filters:
+            predictors_logger.addFilter(_FILTER)
+        _FILTER.threads.add(threading.get_ident())
+    try:
+        yield
+    finally:
+        with _FILTER_LOCK:
+            _FILTER.threads.discard(threading.get_ident())
 
 
 def _kernel_shap(score: _Scorer, n: int, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:

@@ -38,7 +38,7 @@ def tokenizer_json(path: Path) -> Path:
     """A BERT-style WordPiece tokenizer with padding and truncation set, as a bundle's tokenizer.json is."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + PIECES + list(".,!?'"))}
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(SPECIALS + WORDS + PIECES + list(".,!?'")))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
