@@ -402,14 +402,15 @@ def _text_scorer(predictor: TextClassifier, text: str, pair: str | None, spans: 
             out.append("".join(pieces))
         return out
 
+    def logits_of(batch: list[str]) -> np.ndarray:
+        with _quiet_truncation():  # one warning per explanation (_explained_words), not one per masked batch
+            return predictor.logits(batch, None if pair is None else [pair] * len(batch))
+
     regression = predictor.task == "text-regression"
-    index = _target_index(predictor, target, lambda: predictor.logits([text], None if pair is None else [pair])[0],
-                          regression=regression)
+    index = _target_index(predictor, target, lambda: logits_of([text])[0], regression=regression)
 
     def run(keep: np.ndarray) -> np.ndarray:
-        batch = texts(keep)
-        with _quiet_truncation():  # one warning per explanation (below), not one per masked batch
-            logits = predictor.logits(batch, None if pair is None else [pair] * len(batch))
+        logits = logits_of(texts(keep))
         return logits[:, 0].astype(np.float64) if regression else softmax(logits)[:, index]
 
     return _Scorer(run, index)
