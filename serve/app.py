@@ -115,8 +115,8 @@ def _text_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
     explain_on, method = explain_controls(gr, group, "text-classification", "text")
     button = gr.Button("Classify", variant="primary", elem_id="classify-text")
     labels = _label_outputs(gr, group)
-    why = gr.HighlightedText(label="Why: each word's push toward the predicted label (red: toward, purple: against)", visible=False,
-                             elem_id="text-explanation")
+    why = gr.HighlightedText(label="Why: each word's push toward the predicted label (red: toward, purple: against)",
+                             visible=False, elem_id="text-explanation")
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Per variant", interactive=False)
     examples = text_examples(group[0].source)
     if examples:
