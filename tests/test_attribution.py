@@ -126,3 +126,10 @@ def test_bad_input_gets_one_clear_line(tokenizer):
                           (lambda: explainer.explain(TEXT, target="c"), "unknown target label 'c'")]:
         with pytest.raises(AttributionError, match=message):
             call()
+
+
+def test_importing_the_module_loads_neither_captum_nor_torch():
+    from test_imports import modules_after, top_level
+
+    loaded = top_level(modules_after("import compress.attribution"))
+    assert "compress" in loaded and not {"captum", "torch", "transformers"} & loaded
