@@ -27,6 +27,7 @@ import argparse
 import csv
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -150,7 +151,15 @@ def measure(predictor, inputs: list, methods: list[str], args: argparse.Namespac
     for a, b in itertools.combinations(all_methods, 2):
         values = [spearman(x, y) for x, y in zip(attributions[a], attributions[b], strict=True)]
         agreement[f"{a} vs {b}"] = float(np.nanmean(values))
-    return {"methods": rows, "rank_correlation": agreement, "inputs": len(inputs)}
+    predict_ms = []
+    for item in inputs:  # the same predictor's plain prediction, as a yardstick for the explanations' times
+        start = time.perf_counter()
+        predictor.predict([item])
+        predict_ms.append((time.perf_counter() - start) * 1000)
+    predict = statistics.median(predict_ms)
+    for row in rows.values():
+        row["times_one_prediction"] = row["median_ms"] / predict
+    return {"methods": rows, "rank_correlation": agreement, "inputs": len(inputs), "predict_median_ms": predict}
 
 
 def gradient_explainer(run: Path | None):
@@ -170,11 +179,12 @@ def gradient_explainer(run: Path | None):
 def print_table(task: str, result: dict) -> None:
     print(f"\n{task} ({result['inputs']} inputs; variant {result['variant']})")
     print(f"{'method':22} {'deletion AUC':>12} {'random':>8} {'insertion AUC':>14} {'random':>8} {'del. wins':>10} "
-          f"{'median ms':>10} {'calls':>6}")
+          f"{'median ms':>10} {'calls':>6} {'vs predict':>10}")
     for method, row in result["methods"].items():
         print(f"{method:22} {row['deletion_auc']:12.3f} {row['random_deletion_auc']:8.3f} {row['insertion_auc']:14.3f} "
               f"{row['random_insertion_auc']:8.3f} {row['deletion_wins']:>10} {row['median_ms']:10.1f} "
-              f"{row['model_calls']:6.0f}")
+              f"{row['model_calls']:6.0f} {row['times_one_prediction']:9.1f}x")
+    print(f"  one prediction: {result['predict_median_ms']:.1f} ms (median)")
     for pair, rho in result["rank_correlation"].items():
         print(f"  Spearman {pair}: {rho:.2f}")
 
@@ -227,6 +237,7 @@ def main() -> None:
                 for row in task["methods"].values())
     report["targets"] = {"every_method_beats_random_deletion": every,
                          "text_occlusion_under_100ms": report["tasks"]["text"]["meets_time_target"]}
+    report["load_average_at_end_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     print(f"\ntargets: {report['targets']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
