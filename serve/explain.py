@@ -15,8 +15,9 @@ or a run directory's PyTorch model through serve.pytorch) with the bundle's own 
 Text (features are words: runs of letters/digits found by a regex with their character offsets, so word pieces of one
 word go together and attributions map back onto the text; punctuation is never masked):
     occlusion   leave one word out: attribution = p(target | text) - p(target | text without the word); n + 1 inputs.
-    shap        kernel SHAP: random coalitions of words (sizes drawn from the Shapley kernel, each with its complement)
-                scored and solved by weighted least squares with the efficiency constraint (the attributions sum to
+    shap        kernel SHAP: coalitions of words (whole sizes enumerated from the outside in while the budget allows, as
+                SHAP's KernelExplainer does, the rest sampled from the Shapley kernel, each with its complement) scored
+                and solved by weighted least squares with the efficiency constraint (the attributions sum to
                 p(full) - p(all words masked)); exact Shapley values when 2**n - 2 <= samples.
     A masked word is replaced by the tokenizer's mask token ([MASK] / <mask>; else its unknown token) rather than
     removed: the sentence keeps its length and positions, so a score change measures the word's content and not a shift
@@ -41,6 +42,7 @@ Imports numpy, Pillow and the runtime's own modules only (no torch; a test check
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -446,26 +448,57 @@ def _quiet_truncation() -> Iterator[None]:
             _FILTER.threads.discard(threading.get_ident())
 
 
+def _coalitions(n: int, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """About `samples` coalitions of n features (bool [rows, n]) and their regression weights, as SHAP's
+    KernelExplainer chooses them: the Shapley kernel puts most of its weight on the smallest and largest coalitions,
+    so whole sizes are enumerated from the outside in (1 and n-1, then 2 and n-2, ...) while the budget allows, each
+    coalition weighted by its share of its size's kernel weight; the rest of the budget samples the remaining sizes in
+    proportion to their kernel weight (each coalition with its complement), sharing the remaining weight. With
+    2**n - 2 <= samples every coalition is enumerated: the exact Shapley values."""
+    sizes = np.arange(1, n)
+    size_weight = (n - 1) / (sizes * (n - sizes))
+    size_weight = size_weight / size_weight.sum()  # of a size: [n - 1], summing to 1
+    rows: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    left, done = samples, set()
+    for small in range(1, n // 2 + 1):
+        group = [small] if small == n - small else [small, n - small]
+        count = math.comb(n, small) * len(group)
+        if count > left:
+            break
+        for size in group:
+            members = np.array(list(itertools.combinations(range(n), size)))
+            mask = np.zeros((len(members), n), bool)
+            mask[np.arange(len(members))[:, None], members] = True
+            rows.append(mask)
+            weights.append(np.full(len(members), size_weight[size - 1] / len(members)))
+            done.add(size)
+        left -= count
+    rest = np.array([s for s in sizes if s not in done])
+    if len(rest) and left >= 2:
+        share = size_weight[rest - 1]
+        half = left // 2
+        drawn = rng.choice(rest, size=half, p=share / share.sum())
+        ranks = rng.random((half, n)).argsort(axis=1).argsort(axis=1)
+        sampled = ranks < drawn[:, None]
+        sampled, counts = np.unique(np.concatenate([sampled, ~sampled]), axis=0, return_counts=True)
+        rows.append(sampled)
+        weights.append(counts / counts.sum() * share.sum())
+    if not rows:  # a budget below one pair: one random coalition and its complement
+        keep = np.zeros(n, bool)
+        keep[rng.permutation(n)[:n // 2]] = True  # n >= 2: neither empty nor full
+        rows.append(np.stack([keep, ~keep]))
+        weights.append(np.ones(2))
+    return np.concatenate(rows), np.concatenate(weights)
+
+
 def _kernel_shap(score: _Scorer, n: int, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """Kernel SHAP values of n features and p(full), from `samples` coalitions (or all of them when that is fewer)."""
+    """Kernel SHAP values of n features and p(full), from about `samples` coalitions (`_coalitions`) plus the full
+    and the empty input."""
     if n == 1:
         values = score.run(np.array([[True], [False]]))
         return np.array([values[0] - values[1]]), float(values[0])
-    sizes = np.arange(1, n)
-    if 2 ** n - 2 <= samples:  # every coalition, weighted by the Shapley kernel: exact Shapley values
-        codes = np.arange(1, 2 ** n - 1)
-        coalitions = (codes[:, None] >> np.arange(n)[None, :]) & 1 == 1
-        size = coalitions.sum(axis=1)
-        weights = (n - 1) / (np.array([math.comb(n, s) for s in size], np.float64) * size * (n - size))
-    else:  # sizes drawn from the kernel's distribution (then weights are counts); each coalition with its complement
-        kernel = (n - 1) / (sizes * (n - sizes))
-        half = max(1, samples // 2)
-        drawn = rng.choice(sizes, size=half, p=kernel / kernel.sum())
-        ranks = rng.random((half, n)).argsort(axis=1).argsort(axis=1)
-        sampled = ranks < drawn[:, None]
-        sampled = np.concatenate([sampled, ~sampled])[:max(samples, 2)]
-        coalitions, counts = np.unique(sampled, axis=0, return_counts=True)
-        weights = counts.astype(np.float64)
+    coalitions, weights = _coalitions(n, samples, rng)
     values = score.run(np.concatenate([np.ones((1, n), bool), np.zeros((1, n), bool), coalitions]))
     full, empty, f = values[0], values[1], values[2:] - values[1]
     z = coalitions.astype(np.float64)

@@ -176,6 +176,18 @@ def test_kernel_shap_is_exact_shapley_on_short_texts(text_bundle: Path):
     assert why.top(1)[0][0] == PLANTED
 
 
+def test_shap_enumerates_the_heaviest_coalition_sizes_first():
+    from serve.explain import _coalitions
+
+    rows, weights = _coalitions(20, 64, np.random.default_rng(0))
+    sizes = rows.sum(axis=1)
+    assert sorted(sizes[:40]) == [1] * 20 + [19] * 20  # every singleton and every leave-one-out, enumerated
+    assert len(rows) <= 64 and sizes.min() >= 1 and sizes.max() <= 19 and weights.sum() == pytest.approx(1.0)
+    rows, _ = _coalitions(5, 64, np.random.default_rng(0))  # 2^5 - 2 = 30 <= 64: every coalition once
+    assert len(rows) == 30 and len({r.tobytes() for r in rows}) == 30
+    assert len(_coalitions(30, 1, np.random.default_rng(0))[0]) == 2  # below one pair: one coalition, its complement
+
+
 def test_explanations_are_deterministic_with_a_seed_and_follow_the_target(text_bundle: Path):
     model = runtime.load(text_bundle)
     first, again = (explain(model, TEXT, method="shap", samples=16, seed=3) for _ in range(2))
