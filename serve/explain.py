@@ -321,10 +321,11 @@ def deletion_insertion(predictor: TextClassifier | ImageClassifier, input: str |
 # --- text -------------------------------------------------------------------------------------------------------------
 
 class _Scorer:
-    """p(target) of perturbed inputs, counting the rows scored and the model runs."""
+    """p(target) of perturbed inputs, counting the rows scored and the model runs (the unperturbed input's run, which
+    chose the target and gave `full`, included)."""
 
-    def __init__(self, run: Any, target_index: int):
-        self._run, self.target_index, self.calls, self.batches = run, target_index, 0, 0
+    def __init__(self, run: Any, target_index: int, full: float):
+        self._run, self.target_index, self.full, self.calls, self.batches = run, target_index, full, 1, 1
 
     def run(self, keep: np.ndarray) -> np.ndarray:
         """keep: bool [rows, features] (True = the feature is present) -> float64 [rows]."""
@@ -342,11 +343,9 @@ def _explain_text(predictor: TextClassifier, text: Any, pair: str | None, *, met
     fill = _fill(predictor, replacement)
     score = _text_scorer(predictor, text, pair, spans, fill, target)
     n = len(spans)
-    full = np.ones((1, n), bool)
     if method == "occlusion":
-        values = score.run(np.concatenate([full, ~np.eye(n, dtype=bool)]))
-        attributions = values[0] - values[1:]
-        own = float(values[0])
+        attributions = score.full - score.run(~np.eye(n, dtype=bool))
+        own = score.full
     else:
         attributions, own = _kernel_shap(score, n, samples or DEFAULT_SAMPLES["shap"], np.random.default_rng(seed))
     return TextExplanation(text=text, method=method, target=_label(predictor, score.target_index),
@@ -409,13 +408,13 @@ def _text_scorer(predictor: TextClassifier, text: str, pair: str | None, spans: 
             return predictor.logits(batch, None if pair is None else [pair] * len(batch))
 
     regression = predictor.task == "text-regression"
-    index = _target_index(predictor, target, lambda: logits_of([text])[0], regression=regression)
+    full = logits_of([text])
+    index = _target_index(predictor, target, lambda: full[0], regression=regression)
 
-    def run(keep: np.ndarray) -> np.ndarray:
-        logits = logits_of(texts(keep))
+    def values(logits: np.ndarray) -> np.ndarray:
         return logits[:, 0].astype(np.float64) if regression else softmax(logits)[:, index]
 
-    return _Scorer(run, index)
+    return _Scorer(lambda keep: values(logits_of(texts(keep))), index, float(values(full)[0]))
 
 
 class _ThreadFilter(logging.Filter):
@@ -496,11 +495,10 @@ def _kernel_shap(score: _Scorer, n: int, samples: int, rng: np.random.Generator)
     """Kernel SHAP values of n features and p(full), from about `samples` coalitions (`_coalitions`) plus the full
     and the empty input."""
     if n == 1:
-        values = score.run(np.array([[True], [False]]))
-        return np.array([values[0] - values[1]]), float(values[0])
+        return np.array([score.full - score.run(np.array([[False]]))[0]]), score.full
     coalitions, weights = _coalitions(n, samples, rng)
-    values = score.run(np.concatenate([np.ones((1, n), bool), np.zeros((1, n), bool), coalitions]))
-    full, empty, f = values[0], values[1], values[2:] - values[1]
+    values = score.run(np.concatenate([np.zeros((1, n), bool), coalitions]))
+    full, empty, f = score.full, values[0], values[1:] - values[0]
     z = coalitions.astype(np.float64)
     # Efficiency: sum(phi) = full - empty. Eliminate the last feature, phi_n = delta - sum(phi_<n), and solve the
     # weighted least squares  f - z_n * delta = sum_j<n (z_j - z_n) phi_j  for the rest.
@@ -509,7 +507,7 @@ def _kernel_shap(score: _Scorer, n: int, samples: int, rng: np.random.Generator)
     target = f - z[:, -1] * delta
     root = np.sqrt(weights)[:, None]
     phi, *_ = np.linalg.lstsq(design * root, target * root[:, 0], rcond=None)
-    return np.append(phi, delta - phi.sum()), float(full)
+    return np.append(phi, delta - phi.sum()), full
 
 
 # --- images -----------------------------------------------------------------------------------------------------------
@@ -529,20 +527,20 @@ def _explain_image(predictor: ImageClassifier, image: Any, *, method: str, targe
             raise InputError(f"patch must be 1..{min(height, width)} and stride at least 1 (model pixels); got "
                              f"patch={patch}, stride={stride}")
         tops, lefts = _positions(height, side, step), _positions(width, side, step)
-        keeps = np.ones((1 + len(tops) * len(lefts), height, width), bool)
+        keeps = np.ones((len(tops) * len(lefts), height, width), bool)
         for i, (top, left) in enumerate((t, left) for t in tops for left in lefts):
-            keeps[1 + i, top:top + side, left:left + side] = False
+            keeps[i, top:top + side, left:left + side] = False
         values = score.run(keeps.reshape(len(keeps), -1))
-        dropped = ~keeps[1:]
-        drop = (values[0] - values[1:])[:, None, None] * dropped
+        dropped = ~keeps
+        drop = (score.full - values)[:, None, None] * dropped
         attributions = drop.sum(axis=0) / np.maximum(dropped.sum(axis=0), 1)
-        own, settings = float(values[0]), {"patch": side, "stride": step}
+        own, settings = score.full, {"patch": side, "stride": step}
     else:
         masks = _rise_masks(samples or DEFAULT_SAMPLES["rise"], height, width, np.random.default_rng(seed))
         values = score.run_soft(masks)
         kept = masks.sum(axis=0)
         attributions = (values[:, None, None] * masks).sum(axis=0) / np.maximum(kept, 1e-12) - values.mean()
-        own = float(score.run(np.ones((1, height * width), bool))[0])
+        own = score.full
         settings = {"grid": RISE_GRID, "keep": RISE_KEEP}
     heatmap = _resize(attributions, original.size[1], original.size[0])
     return ImageExplanation(method=method, target=_label(predictor, score.target_index),
@@ -555,10 +553,11 @@ def _explain_image(predictor: ImageClassifier, image: Any, *, method: str, targe
 class _PixelScorer(_Scorer):
     """A scorer of pixel keep-masks (bool) or soft masks (float in [0, 1]) over one preprocessed image."""
 
-    def __init__(self, predictor: ImageClassifier, pixels: np.ndarray, fill: np.ndarray, target_index: int):
+    def __init__(self, predictor: ImageClassifier, pixels: np.ndarray, fill: np.ndarray, target_index: int,
+                 full: float):
         self.predictor, self.pixels, self.fill = predictor, pixels, fill
         super().__init__(lambda keep: self.run_soft(keep.reshape(len(keep), *pixels.shape[1:]), count=False),
-                         target_index)
+                         target_index, full)
 
     def run_soft(self, masks: np.ndarray, *, count: bool = True) -> np.ndarray:
         """masks: [rows, h, w] in [0, 1] (1 = the image, 0 = the baseline) -> float64 [rows] p(target)."""
@@ -576,9 +575,9 @@ class _PixelScorer(_Scorer):
 
 def _pixel_scorer(predictor: ImageClassifier, pixels: np.ndarray, fill: np.ndarray,
                   target: str | int | None) -> _PixelScorer:
-    index = _target_index(predictor, target, lambda: predictor.forward({predictor.input_name: pixels[None]})[0],
-                          regression=False)
-    return _PixelScorer(predictor, pixels, fill, index)
+    full = np.asarray(predictor.forward({predictor.input_name: pixels[None]}))
+    index = _target_index(predictor, target, lambda: full[0], regression=False)
+    return _PixelScorer(predictor, pixels, fill, index, float(softmax(full)[0, index]))
 
 
 def _baseline_pixels(predictor: ImageClassifier, baseline: str) -> np.ndarray:
