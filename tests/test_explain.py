@@ -51,18 +51,22 @@ def tokenizer_json(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bag_bundle(base: Path, *, task: str = "text-classification", pair_column: str | None = None) -> Path:
     """Embedding-bag + linear over token ids: small random weights per token, +4 toward "positive" for the piece "z"
-    (only the planted word has it) and a bias of -2: positive iff the planted word is there."""
+    (only the planted word has it) and a bias of -2: positive iff the planted word is there. Regression: the output is
+    the positive logit minus the negative one (one value)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    folder = tmp_path_factory.mktemp("explain") / "text"
-    tokenizer = tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    folder = base / "bundle"
+    folder.mkdir(parents=True)
+    tokenizer = tokenizer_json(folder / "tokenizer.json")
     vocab = json.loads(tokenizer.read_text())["model"]["vocab"]
     weights = np.random.default_rng(0).normal(0, 0.1, (len(vocab), 2)).astype(np.float32)
     weights[[vocab[s] for s in SPECIALS]] = 0  # [MASK] (the replacement), [PAD], [CLS], [SEP] carry nothing
     weights[vocab["z"]] = [0.0, 4.0]
+    bias = np.array([0.0, -2.0], np.float32)
+    if task == "text-regression":
+        weights, bias = weights[:, 1:] - weights[:, :1], bias[1:] - bias[:1]
     nodes = [helper.make_node("Gather", ["embedding", "input_ids"], ["embedded"]),
              helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
              helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask3"]),
@@ -72,16 +76,20 @@ def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
               for n in ("input_ids", "attention_mask")]
     graph = helper.make_graph(nodes, "bag", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                                                   ["batch", 2])],
+                                                                                   ["batch", len(bias)])],
                               initializer=[numpy_helper.from_array(weights, "embedding"),
-                                           numpy_helper.from_array(np.array([0.0, -2.0], np.float32), "bias"),
+                                           numpy_helper.from_array(bias, "bias"),
                                            numpy_helper.from_array(np.array([2], np.int64), "axis2"),
                                            numpy_helper.from_array(np.array([1], np.int64), "axis1")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    folder.mkdir(parents=True)
-    (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
-    return _finish(folder, model, "text-classification", labels=["negative", "positive"],
-                   text={"max_length": 64, "text_column": "text", "text_pair_column": None})
+    labels = None if task == "text-regression" else ["negative", "positive"]
+    return _finish(folder, model, task, labels=labels,
+                   text={"max_length": 64, "text_column": "text", "text_pair_column": pair_column})
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bag_bundle(tmp_path_factory.mktemp("explain_text"))
 
 
 def _finish(folder: Path, graph, task: str, **sections) -> Path:
@@ -214,6 +222,23 @@ def test_text_faithfulness_beats_random_order(text_bundle: Path):
     scores = np.zeros(20)
     scores[words_of(TEXT).index(next(s for s in words_of(TEXT) if TEXT[s[0]:s[1]] == PLANTED))] = 1
     assert deletion_insertion(model, TEXT, scores, steps=5).fractions.tolist() == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_regression_and_pair_models(tmp_path: Path):
+    regression = runtime.load(bag_bundle(tmp_path / "regression", task="text-regression"))
+    why = explain(regression, TEXT, method="shap")
+    assert why.target is None and why.top(1)[0][0] == PLANTED
+    assert why.score == pytest.approx(regression.predict([TEXT])[0].value, abs=1e-5)  # the output value itself
+    assert deletion_insertion(regression, TEXT, why).deletion_auc < why.score
+    with pytest.raises(InputError, match="a regression model has one output"):
+        explain(regression, TEXT, target=1)
+
+    pairs = runtime.load(bag_bundle(tmp_path / "pairs", pair_column="context"))
+    why = explain(pairs, TEXT, pair="a nice story", method="occlusion")
+    assert why.words == [TEXT[s:e] for s, e in words_of(TEXT)] and why.top(1)[0][0] == PLANTED  # the first text's
+    assert deletion_insertion(pairs, TEXT, why).beats_random  # the pair is kept whole in the curves too
+    with pytest.raises(InputError, match="trained on text pairs"):
+        explain(pairs, TEXT)
 
 
 def test_words_past_the_models_limit_are_not_explained(text_bundle: Path):
