@@ -271,9 +271,9 @@ def deletion_insertion(predictor: TextClassifier | ImageClassifier, input: str |
                        replacement: str | None = None, baseline: str | None = None) -> Faithfulness:
     """Deletion and insertion curves of p(target) for features taken in attribution order vs random order.
 
-    attribution: an Explanation of this input (its target, replacement / baseline are reused), or raw scores: one per
-        word (text, words as `words_of` finds them) or a [height, width] map (images: at the model's input size or
-        the image's own; resized to the model's).
+    attribution: an explanation of this input (an Explanation, or compress.attribution's GradientAttribution: its
+        target, replacement / baseline are reused), or raw scores: one per word (text, words as `words_of` finds
+        them) or a [height, width] map (images: at the model's input size or the image's own; resized to the model's).
     steps: points on each curve after the start (text: default one per word; images: default 20).
     seeds: random orders averaged for the reference curves.
     """
@@ -282,7 +282,7 @@ def deletion_insertion(predictor: TextClassifier | ImageClassifier, input: str |
         raise InputError(f"seeds must be at least 1, got {seeds}")
     if steps is not None and steps < 1:
         raise InputError(f"steps must be at least 1, got {steps}")
-    if isinstance(attribution, TextExplanation | ImageExplanation):
+    if hasattr(attribution, "attributions"):  # an Explanation, or compress.attribution's GradientAttribution
         target = attribution.target_index if target is None else target
         scores = attribution.attributions
         replacement = replacement or getattr(attribution, "replacement", None)

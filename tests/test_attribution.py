@@ -108,7 +108,7 @@ def test_run_directories_text_and_image(tmp_path: Path, tokenizer):
     why = GradientExplainer.from_run(tmp_path / "text").explain(TEXT, steps=16)
     assert len(why.words) == len(words_of(TEXT)) and np.isfinite(why.attributions).all()
     assert why.convergence_delta < 0.05
-    result = deletion_insertion(load_run(tmp_path / "text"), TEXT, why.attributions, target=why.target_index)
+    result = deletion_insertion(load_run(tmp_path / "text"), TEXT, why)  # its target and word split are the bundle's
     assert len(result.fractions) == len(why.words) + 1
 
     run = make_image_run(tmp_path / "image")
