@@ -348,6 +348,27 @@ def test_browser_draws_a_digit_on_the_sketchpad(demo: dict, browser):
     page.close()
 
 
+def test_browser_explains_a_drawing_with_a_heatmap(demo: dict, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 1500})
+    page.goto(demo["url"])
+    page.get_by_role("tab", name="Image classification").click()
+    page.locator("#image-explain input[type=checkbox]").check()
+    page.get_by_role("button", name="Brush", exact=True).click()
+    box = page.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 40, y - 60)
+    page.mouse.down()
+    for step in range(12):
+        page.mouse.move(x - 40 + step * 7, y - 60 + step * 10)
+    page.mouse.up()
+    page.get_by_role("button", name="Classify the drawing").click()
+    page.locator("#image-explanation img").first.wait_for(state="visible", timeout=30_000)  # the heatmap overlay
+    assert page.get_by_text("occlusion toward").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_sketch_explanation.png"), full_page=True)
+    page.close()
+
+
 def test_sketch_is_cropped_centred_and_matches_the_training_polarity():
     from finetune.image_preprocessing import PreprocessingSpec
 
