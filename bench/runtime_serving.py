@@ -1,8 +1,8 @@
 """Benchmark: the torch-free runtime serving a MiniLM int8 bundle: throughput and latency at 1, 4 and 8 concurrent
 callers with and without micro-batching; cold start and memory against loading the PyTorch model.
 
-    python bench/runtime_serving.py                                    # short MiniLM run + bundle under runs/bench_serve/
-    python bench/runtime_serving.py --bundle BUNDLE --run RUN_DIR      # an existing bundle (with an int8 variant) and its run
+    python bench/runtime_serving.py                                # short MiniLM run + bundle under runs/bench_serve/
+    python bench/runtime_serving.py --bundle BUNDLE --run RUN_DIR  # an existing bundle (with an int8 variant), its run
 
 Without --bundle it fine-tunes all-MiniLM-L6-v2 on the embedded reviews for --train-steps steps (the default recipe)
 and compresses it with recipes/configs/compress/text_default.yaml. The variant served is --variant, else the bundle's

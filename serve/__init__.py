@@ -2,6 +2,7 @@
 
     runtime      load(bundle) -> TextClassifier | ImageClassifier | TextGenerator (numpy, onnxruntime, tokenizers)
     predictors   classifiers over any forward function; generation: sampling and streamed text; batching: micro-batches
+    explain      why a classifier decided: word / pixel attributions from the bundle itself, and their faithfulness
     pytorch      the same predictors over a run directory's PyTorch model (the demo's baseline)
     app          build_demo(...) -> gr.Blocks and `python -m serve` (sources: what the demo serves; sketch: drawings)
     login        who may use the demo: the login (flag, file or environment) and a throttle for failed logins

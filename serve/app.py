@@ -6,7 +6,10 @@
 Named endpoints for gradio_client (`Client(url).view_api()` lists their parameters):
     /classify_text (text, pair, variants)            /classify_image (image file, variants)
     /classify_sketch (sketchpad value, variants)     /generate (prompt, settings..., variants), streamed
-Each returns one output per variant (hidden when not selected) and a table of label, score and latency per variant.
+    /explain_text (text, pair, explain, method, variants)   /explain_image, /explain_sketch (input, explain, method,
+    variants): the first selected variant's explanation (serve.app_explain), hidden when explain is false
+Each classify endpoint returns one output per variant (hidden when not selected) and a table of label, score and
+latency per variant; in the page, an explanation follows a classification when the "explain" box is ticked.
 Concurrent requests to a classifier are micro-batched by the runtime (serve.batching), not by gradio, so a bad
 request fails alone. Predictors are shared by all users; no per-user state is kept.
 
@@ -32,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serve.app_explain import Explainer
+from serve.app_explain import controls as explain_controls
 from serve.batching import BatchingConfig
 from serve.bundle.errors import TuneforgeError, exit_on_user_error
 from serve.bundle.tasks import Task
@@ -121,8 +126,11 @@ def _text_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
     text = gr.Textbox(label="Text", lines=3, placeholder="Type a sentence to classify", elem_id="text-input")
     pair = gr.Textbox(label=f"Second text ({pair_column})", lines=2, visible=pair_column is not None)
     picker = _variant_picker(gr, group)
+    explain_on, method = explain_controls(gr, group, Task.TEXT_CLASSIFICATION, "text")
     button = gr.Button("Classify", variant="primary", elem_id="classify-text")
     labels = _label_outputs(gr, group)
+    why = gr.HighlightedText(label="Why: each word's push toward the predicted label (red: toward, purple: against)",
+                             visible=False, elem_id="text-explanation")
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Per variant", interactive=False)
     examples = text_examples(group[0].source)
     if examples:
@@ -135,9 +143,20 @@ def _text_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:
         return _run_classifiers(gr, group, chosen,
                                 lambda p: p.predict([text], [pair_text] if p.pair_column else None)[0])
 
+    explainer = Explainer()
+
+    def explain_text(text: str, pair: str, on: bool, method: str, chosen: list[str]) -> Any:
+        if not on:
+            return gr.update(visible=False)
+        text = _checked_text(gr, text, "text to explain")
+        pair_text = _checked_text(gr, pair, f"second text ({pair_column})") if pair_column else None
+        return explainer.text(gr, _selected(gr, group, chosen)[0], text, pair_text, method)
+
     # batch=False: the runtime's micro-batcher groups concurrent requests instead (a bad request then fails alone).
     gr.on([button.click, text.submit], classify_text, [text, pair, picker], [*labels, table], api_name="classify_text",
-          concurrency_limit=limits["classify"], batch=False)
+          concurrency_limit=limits["classify"], batch=False).success(
+        explain_text, [text, pair, explain_on, method, picker], [why], api_name="explain_text",
+        concurrency_limit=limits["classify"], batch=False)
 
 
 def _image_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any], workspace: Path) -> None:
@@ -155,7 +174,10 @@ def _image_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any], workspac
                                                                          color_mode="fixed"))
             sketch_button = gr.Button("Classify the drawing", variant="primary")
         seen = gr.Image(label="What the model sees", type="numpy", interactive=False, height=160)
+        why = gr.Image(label="Why", type="numpy", interactive=False, height=160, visible=False,
+                       elem_id="image-explanation")
     picker = _variant_picker(gr, group)
+    explain_on, method = explain_controls(gr, group, Task.IMAGE_CLASSIFICATION, "image")
     labels = _label_outputs(gr, group)
     table = gr.Dataframe(headers=TABLE_HEADERS, label="Per variant", interactive=False)
     examples = image_examples(group[0].source, workspace / "examples")
@@ -183,10 +205,32 @@ def _image_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any], workspac
             raise gr.Error("Draw something on the sketchpad first.")
         return classify(image, chosen)
 
+    explainer = Explainer()
+
+    def explain_image(path: str | None, on: bool, method: str, chosen: list[str]) -> Any:
+        if not on:
+            return gr.update(visible=False)
+        image = _checked_image(gr, path, limits["upload_bytes"])
+        return explainer.image(gr, _selected(gr, group, chosen)[0], image, method)
+
+    def explain_sketch(value: dict[str, Any] | None, on: bool, method: str, chosen: list[str]) -> Any:
+        if not on:
+            return gr.update(visible=False)
+        canvas = (value or {}).get("composite")
+        model = _selected(gr, group, chosen)[0]
+        image = sketch_to_image(np.asarray(canvas), model.predictor().spec) if canvas is not None else None
+        if image is None:
+            raise gr.Error("Draw something on the sketchpad first.")
+        return explainer.image(gr, model, image, method)
+
     gr.on([upload_button.click], classify_image, [upload, picker], [*labels, table, seen], api_name="classify_image",
-          concurrency_limit=limits["classify"], batch=False)
+          concurrency_limit=limits["classify"], batch=False).success(
+        explain_image, [upload, explain_on, method, picker], [why], api_name="explain_image",
+        concurrency_limit=limits["classify"], batch=False)
     gr.on([sketch_button.click], classify_sketch, [sketch, picker], [*labels, table, seen],
-          api_name="classify_sketch", concurrency_limit=limits["classify"], batch=False)
+          api_name="classify_sketch", concurrency_limit=limits["classify"], batch=False).success(
+        explain_sketch, [sketch, explain_on, method, picker], [why], api_name="explain_sketch",
+        concurrency_limit=limits["classify"], batch=False)
 
 
 def _generation_tab(gr: Any, group: list[DemoModel], limits: dict[str, Any]) -> None:

@@ -174,6 +174,13 @@ class TextClassifier:
                            "training", sum(truncated), len(batch), self.max_length)
         return encodings_to_arrays(encodings, input_names=self.input_names), truncated
 
+    def explain(self, text: str, **options: Any) -> Any:
+        """Word attributions of one text's prediction: serve.explain.explain (method="occlusion" | "shap", target,
+        samples, seed, pair, replacement)."""
+        from serve.explain import explain
+
+        return explain(self, text, **options)
+
     def close(self) -> None:
         """Stop the micro-batching worker, if any."""
         if self.batcher:
@@ -255,6 +262,13 @@ class ImageClassifier:
         if not len(images):
             return np.zeros((0, self.spec.num_channels, *self.spec.size), np.float32)
         return preprocess_batch(images, self.spec)
+
+    def explain(self, image: ImageLike, **options: Any) -> Any:
+        """Pixel attributions of one image's prediction: serve.explain.explain (method="occlusion" | "rise", target,
+        samples, seed, baseline, patch, stride)."""
+        from serve.explain import explain
+
+        return explain(self, image, **options)
 
     def close(self) -> None:
         """Stop the micro-batching worker, if any."""

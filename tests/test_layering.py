@@ -19,7 +19,7 @@ from conftest import REPO
 
 PACKAGES = ("finetune", "compress", "serve")
 # The demo's modules sit above the runtime: they open run directories with PyTorch (imported inside functions).
-DEMO = {"serve.app", "serve.__main__", "serve.sources", "serve.pytorch"}
+DEMO = {"serve.app", "serve.app_explain", "serve.__main__", "serve.sources", "serve.pytorch", "serve.login"}
 BUNDLE_THIRD_PARTY = {"numpy", "PIL"}
 RUNTIME_THIRD_PARTY = BUNDLE_THIRD_PARTY | {"onnxruntime", "tokenizers", "fastapi", "starlette", "uvicorn",
                                             "pydantic", "prometheus_client", "ray", "gradio",

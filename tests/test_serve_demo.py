@@ -3,6 +3,7 @@ gradio_client (every endpoint, bad inputs, a bounded load test) and driven in a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -108,7 +109,8 @@ def test_every_endpoint_answers_as_the_runtime_does(demo: dict, serve_text_bundl
 
     api = client(demo)
     assert set(api.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/classify_text", "/classify_image", "/classify_sketch", "/generate"}
+        "/classify_text", "/classify_image", "/classify_sketch", "/generate", "/explain_text", "/explain_image",
+        "/explain_sketch"}
 
     *labels, table = api.predict("the movie was good and nice", "", TEXT_VARIANTS, api_name="/classify_text")
     assert [row[0] for row in table["data"]] == TEXT_VARIANTS and table["headers"][:2] == ["variant", "prediction"]
@@ -174,6 +176,56 @@ def test_bad_inputs_get_the_demos_error_and_the_server_keeps_serving(demo: dict,
             api.predict(*args, api_name=endpoint)
         assert message in str(err.value), f"{endpoint}{args[:1]}: {err.value}"
         assert api.predict("good", "", ["text/fp32"], api_name="/classify_text")[-1]["data"][0][0] == "text/fp32"
+    assert demo["proc"].poll() is None
+
+
+def test_explain_endpoints_answer_as_the_runtime_does(demo: dict, serve_text_bundle: Path, serve_image_bundle: Path,
+                                                      tmp_path: Path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from serve.explain import explain
+
+    api = client(demo)
+    text = "the movie was good and nice but the product was broken"
+    update = api.predict(text, "", True, "occlusion", ["text/fp32", "run/pytorch"], api_name="/explain_text")
+    want = explain(runtime.load(serve_text_bundle, "fp32"), text, method="occlusion")
+    assert update["visible"] and update["label"].startswith(f"text/fp32 · occlusion toward '{want.target}' · "
+                                                            f"{len(want.words) + 1} model calls · ")
+    chunks = [(c["token"], c["class_or_confidence"]) for c in update["value"]]
+    assert "".join(token for token, _ in chunks) == text
+    np.testing.assert_allclose([v for _, v in chunks if v is not None], [v for _, v in want.highlighted()
+                                                                         if v is not None], atol=1e-3)
+    assert api.predict(text, "", False, "shap", ["text/fp32"], api_name="/explain_text") == {
+        "visible": False, "__type__": "update"}
+    if importlib.util.find_spec("captum"):  # the explain extra (in dev): integrated gradients for the run
+        update = api.predict(text, "", True, "integrated-gradients", ["run/pytorch"], api_name="/explain_text")
+        assert update["label"].startswith("run/pytorch · integrated-gradients toward ")
+        assert [c["token"] for c in update["value"] if c["class_or_confidence"] is not None] == want.words
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 27, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    update = api.predict(handle_file(str(tmp_path / "photo.png")), True, "rise", ["fp32"], api_name="/explain_image")
+    target = runtime.load(serve_image_bundle).predict([image])[0].label
+    assert update["label"].startswith(f"fp32 · rise toward '{target}' · 513 model calls · ")
+    assert Image.open(update["value"]).size == (288, 320)  # the 27x30 upload, shown 320 px high
+    canvas = np.zeros((280, 280, 4), dtype=np.uint8)
+    canvas[60:220, 130:150] = (0, 0, 0, 255)
+    Image.fromarray(canvas).save(tmp_path / "sketch.png")
+    update = api.predict(sketch_value(tmp_path / "sketch.png"), True, "occlusion", ["fp32"],
+                         api_name="/explain_sketch")
+    assert update["visible"] and " · occlusion toward " in update["label"]
+
+    cases = [((text, "", True, "lime", ["text/fp32"]), "/explain_text", "not in the list of choices"),
+             (("  ", "", True, "shap", ["text/fp32"]), "/explain_text", "Enter the text to explain: it is empty."),
+             ((None, True, "rise", ["fp32"]), "/explain_image", "Upload an image first.")]
+    if importlib.util.find_spec("captum"):
+        cases.append(((text, "", True, "integrated-gradients", ["text/fp32"]), "/explain_text",
+                      "select a run variant first"))
+    for args, endpoint, message in cases:
+        with pytest.raises(AppError) as err:
+            api.predict(*args, api_name=endpoint)
+        assert message in str(err.value), f"{endpoint}{args[:1]}: {err.value}"
     assert demo["proc"].poll() is None
 
 
@@ -395,6 +447,20 @@ def test_browser_types_text_presses_submit_and_reads_the_label(demo: dict, brows
     page.close()
 
 
+def test_browser_ticks_explain_and_sees_the_words_highlighted(demo: dict, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 1500})
+    page.goto(demo["url"])
+    page.fill("#text-input textarea", "the movie was good and nice")
+    page.locator("#text-explain input[type=checkbox]").check()
+    page.click("#classify-text")
+    explanation = page.locator("#text-explanation")
+    explanation.get_by_text("nice").first.wait_for(state="visible", timeout=30_000)
+    assert page.get_by_text("occlusion toward").count() >= 1  # the label: variant, method, target, cost
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_text_explanation.png"), full_page=True)
+    page.close()
+
+
 def test_browser_draws_a_digit_on_the_sketchpad(demo: dict, browser):
     page = browser.new_page(viewport={"width": 1200, "height": 1300})
     page.goto(demo["url"])
@@ -412,6 +478,27 @@ def test_browser_draws_a_digit_on_the_sketchpad(demo: dict, browser):
     assert page.locator("[data-testid='label-output-value']").first.inner_text().strip() in ("cat", "dog", "fox")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo_sketchpad.png"), full_page=True)
+    page.close()
+
+
+def test_browser_explains_a_drawing_with_a_heatmap(demo: dict, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 1500})
+    page.goto(demo["url"])
+    page.get_by_role("tab", name="Image classification").click()
+    page.locator("#image-explain input[type=checkbox]").check()
+    page.get_by_role("button", name="Brush", exact=True).click()
+    box = page.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 40, y - 60)
+    page.mouse.down()
+    for step in range(12):
+        page.mouse.move(x - 40 + step * 7, y - 60 + step * 10)
+    page.mouse.up()
+    page.get_by_role("button", name="Classify the drawing").click()
+    page.locator("#image-explanation img").first.wait_for(state="visible", timeout=30_000)  # the heatmap overlay
+    assert page.get_by_text("occlusion toward").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo_sketch_explanation.png"), full_page=True)
     page.close()
 
 

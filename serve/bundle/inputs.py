@@ -7,10 +7,13 @@ torch-free steps that training itself uses.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+WORD = re.compile(r"\w+(?:['’\-]\w+)*")  # letters/digits, keeping contractions and hyphenated words whole
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
@@ -39,3 +42,9 @@ def position_ids(attention_mask: np.ndarray, *, past_length: int = 0) -> np.ndar
     positions = np.cumsum(attention_mask, axis=1) - 1
     positions = np.where(attention_mask == 0, 1, positions)
     return positions[:, past_length:].astype(np.int64)
+
+
+def words_of(text: str) -> list[tuple[int, int]]:
+    """Character spans of the words of `text`: the units explanations attribute to (serve.explain from the bundle,
+    compress.attribution from a run), runs of letters and digits with contractions and hyphenations kept whole."""
+    return [m.span() for m in WORD.finditer(text)]
