@@ -17,11 +17,9 @@ from serve.http.config import API_KEY_ENV, Limits, ServerConfig, model_specs
 CONFIG_ENV = "TUNEFORGE_SERVER_CONFIG"  # the config as JSON, for uvicorn's worker processes (--workers > 1)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
-    """The ServerConfig and the network options of a command line."""
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options serve.http and serve.ray share: bundles, names, network, API key, threads, batching, limits."""
     d = Limits()
-    parser = argparse.ArgumentParser(prog="python -m serve.http", description="Serve bundles over HTTP: Open "
-                                     "Inference Protocol v2, /v1/classify and the OpenAI API (causal LMs).")
     parser.add_argument("bundles", nargs="*", help="bundle folders (python -m compress export); the model name is "
                         "the folder's name")
     parser.add_argument("--name", action="append", default=[], metavar="NAME=BUNDLE",
@@ -49,18 +47,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     parser.add_argument("--demo", action="store_true", help="also mount the Gradio demo at /demo (its password is "
                         "the API key, if set)")
     parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of parsed options (the API key falls back to $TUNEFORGE_API_KEY)."""
     if not args.bundles and not args.name:
         parser.error("pass one or more bundle folders")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
                     max_text_chars=args.max_text_chars, max_image_pixels=args.max_image_pixels,
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
                     max_concurrent_generations=args.max_concurrent_generations, max_queue=args.max_queue)
-    config = ServerConfig(models=model_specs(args.bundles, args.name, args.variant), limits=limits,
-                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, threads=args.threads,
-                          batch_workers=args.batch_workers, max_batch_size=args.max_batch_size,
-                          max_wait_ms=args.max_wait_ms, demo=args.demo)
-    return config, args
+    return ServerConfig(models=model_specs(args.bundles, args.name, args.variant), limits=limits,
+                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, threads=args.threads,
+                        batch_workers=args.batch_workers, max_batch_size=args.max_batch_size,
+                        max_wait_ms=args.max_wait_ms, demo=args.demo)
 
 
 def app_from_env() -> object:
@@ -72,8 +72,12 @@ def app_from_env() -> object:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m serve.http", description="Serve bundles over HTTP: Open "
+                                     "Inference Protocol v2, /v1/classify and the OpenAI API (causal LMs).")
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
     with exit_on_user_error():
-        config, args = parse_args(argv)
+        config = config_from_args(parser, args)
         try:
             import uvicorn
 
