@@ -406,3 +406,19 @@ def test_console_script_is_declared():
     server = " ".join(project["optional-dependencies"]["server"])
     assert all(name in server for name in ("fastapi", "uvicorn", "prometheus-client"))
     assert not any("fastapi" in d or "ray" in d for d in project["dependencies"])
+
+
+def test_demo_is_mounted_at_demo_behind_the_api_key_login(serve_text_bundle: Path, tmp_path: Path):
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    with running_server([f"--name=text={serve_text_bundle}", "--demo", "--api-key", API_KEY, "--threads", "1"],
+                        tmp_path / "demo.log") as url:
+        assert requests.get(f"{url}/demo/", timeout=30).status_code == 200  # the login page
+        assert requests.get(f"{url}/demo/config", timeout=30).status_code == 401  # the app itself needs the login
+        api = Client(f"{url}/demo/", auth=("any", API_KEY), verbose=False)
+        *_, table = api.predict("good", "", ["optimized"], api_name="/classify_text")
+        want = runtime.load(serve_text_bundle).predict(["good"])[0]
+        assert table["data"][0][1] == want.label
+        assert post(url, "/v1/classify", {"model": "text", "inputs": ["good"]}).json()["predictions"][0]["label"] == \
+            want.label
