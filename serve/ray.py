@@ -66,6 +66,28 @@ def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
     return deployment.bind(config_json)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application for a Ray Serve config file (`serve run` / `serve deploy` / KubeRay's RayService):
+
+        applications:
+          - name: tuneforge
+            import_path: serve.ray:app_builder
+            args: {argv: [/models/reviews, --threads, "1", --max-queue, "64"]}
+
+    `argv` takes serve.http's command-line options (bundles, --name, limits, --api-key; the key also comes from
+    $TUNEFORGE_API_KEY where the config is deployed). Replicas, CPUs and autoscaling go in the config's
+    `deployments` section (name: tuneforge), which overrides the defaults here.
+    """
+    parser = argparse.ArgumentParser(prog="serve.ray:app_builder")
+    add_server_arguments(parser)
+    argv = args.get("argv") or []
+    if isinstance(argv, str):
+        argv = argv.split()
+    with exit_on_user_error():
+        config = config_from_args(parser, parser.parse_args([str(a) for a in argv]))
+    return build_app(config.to_json())
+
+
 def run(config_json: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
         num_cpus_total: int | None = None, blocking: bool = False, **deployment: Any) -> None:
     """Start (or connect to) Ray, start Serve's HTTP proxy on host:port and deploy the app at route prefix /."""

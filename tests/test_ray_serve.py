@@ -67,6 +67,15 @@ def test_two_replicas_on_a_local_ray_answer_both_clients(serve_text_bundle: Path
         ray.shutdown()
 
 
+def test_serve_config_builder_takes_the_command_line_options(serve_text_bundle: Path):
+    from ray.serve import Application
+
+    from serve.ray import app_builder
+
+    app = app_builder({"argv": [f"--name=text={serve_text_bundle}", "--threads", "1", "--max-queue", "8"]})
+    assert isinstance(app, Application)
+
+
 def test_ray_command_line_help():
     proc = subprocess.run([sys.executable, "-m", "serve.ray", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
