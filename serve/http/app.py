@@ -110,7 +110,7 @@ def _add_routes(app: FastAPI, models: dict[str, ServedModel], metrics: Metrics) 
     # --- plain JSON ---
 
     @app.post("/v1/classify")
-    async def classify(request: Request) -> dict[str, Any]:
+    async def classify(request: Request) -> JSONResponse:
         data = _json_object(await request.body())
         model = _lookup(models, data.get("model"), request)
         if not isinstance(model, Classifier):
@@ -130,7 +130,7 @@ def _add_routes(app: FastAPI, models: dict[str, ServedModel], metrics: Metrics) 
         else:
             rows = [{"label": p.label, "score": p.score, "probabilities": p.probabilities, "truncated": p.truncated}
                     for p in predictions]
-        return {"model": model.name, "predictions": rows}
+        return JSONResponse({"model": model.name, "predictions": rows})  # no jsonable_encoder pass: plain types
 
     # --- OpenAI-compatible ---
 
