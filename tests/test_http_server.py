@@ -422,3 +422,34 @@ def test_demo_is_mounted_at_demo_behind_the_api_key_login(serve_text_bundle: Pat
         assert table["data"][0][1] == want.label
         assert post(url, "/v1/classify", {"model": "text", "inputs": ["good"]}).json()["predictions"][0]["label"] == \
             want.label
+
+
+# --- pieces without a server ---
+
+def test_model_names_come_from_folders_and_name_overrides(tmp_path: Path):
+    from serve.errors import ServeError
+    from serve.http.config import ServerConfig, model_specs
+
+    a, b = tmp_path / "reviews", tmp_path / "other"
+    specs = model_specs([str(a), str(b)], [f"sentiment={a}", f"extra={tmp_path / 'x'}"], variant="fp32")
+    assert [(s.name, s.variant) for s in specs] == [("sentiment", "fp32"), ("other", "fp32"), ("extra", "fp32")]
+    config = ServerConfig(models=specs, api_key="k")
+    assert ServerConfig.from_json(config.to_json()) == config
+    with pytest.raises(ServeError, match="NAME=BUNDLE"):
+        model_specs([], ["no-equals-sign"])
+    with pytest.raises(ServeError, match="used in URLs"):
+        model_specs([], [f"a/b={a}"])
+    with pytest.raises(ServeError, match="--name"):
+        ServerConfig(models=model_specs([str(a), str(tmp_path / "x" / "reviews")]))
+    with pytest.raises(ServeError, match="nothing to serve"):
+        ServerConfig(models=())
+
+
+def test_stop_strings_are_cut_and_their_beginnings_held_back():
+    from serve.http.models import split_stop
+
+    assert split_stop("hello wor", ["world"]) == ("hello ", "wor", False)  # may become the stop string
+    assert split_stop("hello world!", ["world"]) == ("hello ", "", True)
+    assert split_stop("abc", []) == ("abc", "", False)
+    assert split_stop("hello wor", ["world"], final=True) == ("hello wor", "", False)
+    assert split_stop("x END y STOP", ["STOP", "END"]) == ("x ", "", True)  # the earliest one
