@@ -9,8 +9,9 @@ endpoint (bench/http_peer.py) and Ray Serve (serve.ray, 1 and 2 replicas), all o
 
 Classifiers: closed-loop clients (1, 8 and 32 at once), each sending one SST-2 test sentence per request over a
 keep-alive connection (in-process: a predict call per request, from as many threads); requests/s over all clients,
-p50/p95 per request, errors. The servers run with one ONNX Runtime thread per run and one micro-batch worker per
-core (serve.http), the peer with ONNX Runtime's defaults (what a user gets); Ray replicas get 1 CPU and 1 thread.
+p50/p95 per request, errors. serve.http runs its defaults (one ONNX Runtime thread per run, one batch worker per core,
+batches of one request), the peer ONNX Runtime's defaults (what a user gets); each Ray replica 1 CPU, 1 thread, 1
+worker. --batch-sweep adds the in-process runtime at 32 clients with other batching settings (why the defaults).
 Generation (with --lm-bundle): over the OpenAI API (streamed, greedy), time to first token and tokens/s of one
 stream, and aggregate tokens/s at 4 and 8 streams, against the runtime in-process (threads).
 The client runs on the same machine as the server: on a small shared machine it takes cores from it (the JSON says
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--batch-sweep", action="store_true", help="also measure other micro-batching settings")
     parser.add_argument("--builtin-texts", action="store_true", help="4 short built-in sentences instead of SST-2 "
                         "(for the tiny test bundles, whose vocabulary and positions are small)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "http.json")
@@ -69,7 +71,7 @@ def main() -> None:
     rows = result["classify"]
     rows += inprocess_rows(bundle, variant, texts, args.requests, cores)
     server = [sys.executable, "-m", "serve.http", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
-              "--batch-workers", str(cores), "--max-queue", "256", "--log-level", "warning"]
+              "--batch-workers", str(cores), "--max-batch-size", "1", "--max-queue", "256", "--log-level", "warning"]
     rows += http_rows("server (serve.http, 1 process)", server, texts, args.requests)
     peer = [sys.executable, "-m", "uvicorn", "--app-dir", "bench", "http_peer:app", "--log-level", "warning"]
     rows += http_rows("hand-written FastAPI + onnxruntime", peer, texts, args.requests,
@@ -77,9 +79,12 @@ def main() -> None:
     if not args.skip_ray:
         for replicas in (1, 2):
             ray = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
-                   "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256", "--log-level", "warning"]
+                   "--batch-workers", "1", "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256",
+                   "--log-level", "warning"]
             rows += http_rows(f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}", ray, texts, args.requests,
                               env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
+    if args.batch_sweep:
+        result["batch_sweep_32_clients"] = batch_sweep(bundle, variant, texts, args.requests, cores)
     result["targets"] = targets(rows)
     if args.lm_bundle:
         result["lm_bundle"] = args.lm_bundle.name
@@ -147,13 +152,32 @@ def closed_loop(clients: int, total: int, call) -> dict:
 def inprocess_rows(bundle: Path, variant: str, texts: list[str], total: int, cores: int) -> list[dict]:
     from serve import runtime
 
-    model = runtime.load(bundle, variant, threads=1, batching=runtime.BatchingConfig(32, 0.0, workers=cores))
+    # The server's defaults: 1 thread per run, one batch worker per core, batches of one request.
+    model = runtime.load(bundle, variant, threads=1, batching=runtime.BatchingConfig(1, 0.0, workers=cores))
     rows = []
     for clients in CLIENTS:
         row = closed_loop(clients, total, lambda i: bool(model.predict([texts[i % len(texts)]])))
         rows.append({"system": "runtime in-process", "clients": clients, **row})
         print(rows[-1], flush=True)
     model.close()
+    return rows
+
+
+def batch_sweep(bundle: Path, variant: str, texts: list[str], total: int, cores: int) -> list[dict]:
+    """The runtime in-process at 32 clients: unbatched (ONNX Runtime threads 1 and all cores) and micro-batched with
+    batches of up to 1, 4 and 32 requests."""
+    from serve import runtime
+
+    settings = [("unbatched, threads = cores", 0, None), ("unbatched, 1 thread", 1, None)]
+    settings += [(f"max_batch_size {n}, {cores} workers, 1 thread", 1, runtime.BatchingConfig(n, 0.0, cores))
+                 for n in (1, 4, 32)]
+    rows = []
+    for name, threads, config in settings:
+        model = runtime.load(bundle, variant, threads=threads or None, batching=config)
+        rows.append({"setting": name, **closed_loop(32, total, lambda i, m=model: bool(m.predict([texts[i % len(
+            texts)]])))})
+        print(rows[-1], flush=True)
+        model.close()
     return rows
 
 
@@ -347,6 +371,9 @@ def print_table(result: dict) -> None:
               f"{r['errors']:6d}")
     for name, t in result["targets"].items():
         print(f"target {name}: {t['value']} ({t.get('target', '')}) {'met' if t['met'] else 'NOT met'}")
+    for r in result.get("batch_sweep_32_clients", []):
+        print(f"in-process, 32 clients, {r['setting']:38s} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:.1f} ms  "
+              f"p95 {r['p95_ms']:.1f} ms")
     if result.get("generation"):
         print(f"\ngeneration: {result['lm_bundle']}, greedy")
         print(f"{'system':34s} {'streams':>7s} {'TTFT ms':>8s} {'tok/s/stream':>12s} {'aggregate tok/s':>15s}")

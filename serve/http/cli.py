@@ -30,10 +30,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every route but "
                         f"health (default: ${API_KEY_ENV}; unset: no key)")
     parser.add_argument("--workers", type=int, default=1, help="server processes (each loads every model)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model run "
-                        "(default: one per physical core)")
-    parser.add_argument("--batch-workers", type=int, default=1, help="classifier micro-batches run at once")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="inputs per classifier micro-batch")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per model run (default 1; 0: one "
+                        "per physical core)")
+    parser.add_argument("--batch-workers", type=int, default=None, help="classifier batches run at once (default: "
+                        "one per core)")
+    parser.add_argument("--max-batch-size", type=int, default=1, help="inputs per classifier micro-batch (default 1: "
+                        "on CPUs batching mixed-length texts costs more than it saves; raise it on GPUs)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="micro-batch wait for more requests (ms)")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     parser.add_argument("--max-inputs", type=int, default=d.max_inputs, help="texts or images per request")
@@ -58,7 +60,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                     max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
                     max_concurrent_generations=args.max_concurrent_generations, max_queue=args.max_queue)
     return ServerConfig(models=model_specs(args.bundles, args.name, args.variant), limits=limits,
-                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, threads=args.threads,
+                        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, threads=args.threads or None,
                         batch_workers=args.batch_workers, max_batch_size=args.max_batch_size,
                         max_wait_ms=args.max_wait_ms, demo=args.demo)
 

@@ -49,7 +49,11 @@ class ServerConfig:
     """The server: its models, limits, API key and how predictors run.
 
     threads: ONNX Runtime intra-op threads per model run (None: one per physical core).
-    batch_workers / max_batch_size / max_wait_ms: the classifiers' micro-batcher (serve.batching.BatchingConfig).
+    batch_workers / max_batch_size / max_wait_ms: the classifiers' micro-batcher (serve.batching.BatchingConfig);
+    batch_workers None: one per core. The defaults (1 thread per run, one worker per core, batches of 1 request)
+    measured best on CPUs (bench/http_serving.py, docs/serving.md): a transformer's cost per sentence does not drop
+    with the batch size there, and a batch of mixed lengths pays for padding to its longest text. Raise
+    max_batch_size on GPUs, or for inputs of similar lengths.
     api_key: Bearer token every route but health needs (None: open; the CLI also reads TUNEFORGE_API_KEY).
     demo: mount the Gradio demo on the same bundles at /demo.
     """
@@ -57,9 +61,9 @@ class ServerConfig:
     models: tuple[ModelSpec, ...]
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
-    threads: int | None = None
-    batch_workers: int = 1
-    max_batch_size: int = 32
+    threads: int | None = 1
+    batch_workers: int | None = None
+    max_batch_size: int = 1
     max_wait_ms: float = 0.0
     demo: bool = False
     warm_up: bool = True  # run each model once at start-up, so the first request is not the slow one

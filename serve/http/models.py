@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -252,7 +253,7 @@ class Generator(ServedModel):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
-        started, finished_normally = time.perf_counter(), False
+        started = time.perf_counter()
         try:
             await self.slots.acquire()
         finally:
@@ -274,39 +275,43 @@ class Generator(ServedModel):
         loop.run_in_executor(self.executor, produce)
         text, held = Detokenizer(self.generator.tokenizer), ""
         generated = self.metrics.generated_tokens.labels(model=self.name)
+        done = False
         try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "error":
-                    raise value
-                if kind == "end":
-                    held += text.flush()
-                    job.finish_reason = job.finish_reason or "length"
-                    break
-                job.completion_tokens += 1
-                generated.inc()
-                if job.completion_tokens == 1:
-                    self.metrics.first_token.labels(model=self.name).observe(time.perf_counter() - started)
-                if value in self.eos_ids:
-                    job.finish_reason = "stop"
-                held += text.push(value)
-                emit, held, stopped = split_stop(held, job.stop)
-                if emit:
-                    yield emit
-                if stopped:
-                    job.finish_reason, held = "stop", ""
-                    break
-            if held:
-                emit, _, _ = split_stop(held, job.stop, final=True)
-                if emit:
-                    yield emit
-            finished_normally = True
+            while not done:
+                # Every event waiting now goes out as one piece: under load, fewer and larger chunks.
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                out = ""
+                for kind, value in events:
+                    if kind == "error":
+                        raise value
+                    if kind == "end":
+                        held += text.flush()
+                        job.finish_reason = job.finish_reason or "length"
+                        emit, held, _ = split_stop(held, job.stop, final=True)
+                        out, done = out + emit, True
+                        break
+                    job.completion_tokens += 1
+                    generated.inc()
+                    if job.completion_tokens == 1:
+                        self.metrics.first_token.labels(model=self.name).observe(time.perf_counter() - started)
+                    if value in self.eos_ids:
+                        job.finish_reason = "stop"
+                    held += text.push(value)
+                    emit, held, stopped = split_stop(held, job.stop)
+                    out += emit
+                    if stopped:
+                        job.finish_reason, held, done = "stop", "", True
+                        break
+                if out:
+                    yield out
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (or its request was cancelled)
+            self.metrics.cancelled.labels(model=self.name).inc()
+            logger.info("%s: a generation was stopped after %d tokens (client gone)", self.name, job.completion_tokens)
+            raise
         finally:
-            cancel.set()  # the thread stops at its next token (a client that went away, or a stop string)
-            if not finished_normally and job.finish_reason is None:
-                self.metrics.cancelled.labels(model=self.name).inc()
-                logger.info("%s: a generation was stopped after %d tokens (client gone)", self.name,
-                            job.completion_tokens)
+            cancel.set()  # the thread stops at its next token (client gone, a stop string, or an error)
 
     def _release(self) -> None:
         self.slots.release()
@@ -335,7 +340,7 @@ def split_stop(held: str, stops: list[str], *, final: bool = False) -> tuple[str
 
 def load_models(config: ServerConfig, metrics: Metrics) -> dict[str, ServedModel]:
     """Every bundle of `config`, loaded (and warmed up) for serving, by name."""
-    batching = BatchingConfig(config.max_batch_size, config.max_wait_ms, config.batch_workers)
+    batching = BatchingConfig(config.max_batch_size, config.max_wait_ms, config.batch_workers or os.cpu_count() or 1)
     models: dict[str, ServedModel] = {}
     for spec in config.models:
         manifest = read_manifest(spec.path, verify=False)
