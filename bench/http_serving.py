@@ -63,7 +63,7 @@ def main() -> None:
     bundle = args.bundle or build_minilm()
     variant = args.variant or first_int8(bundle)
     texts = FALLBACK if args.builtin_texts else sentences()
-    result: dict = {"machine": machine(), "bundle": bundle.name, "variant": variant, "clients": list(CLIENTS),
+    result: dict = {"machine": machine(), "bundle": describe(bundle), "variant": variant, "clients": list(CLIENTS),
                     "texts": "built-in" if args.builtin_texts else "SST-2 test sentences",
                     "requests_per_configuration": args.requests,
                     "note": "client and server share this machine's cores; the machine was shared with other work "
@@ -87,7 +87,7 @@ def main() -> None:
         result["batch_sweep_32_clients"] = batch_sweep(bundle, variant, texts, args.requests, cores)
     result["targets"] = targets(rows)
     if args.lm_bundle:
-        result["lm_bundle"] = args.lm_bundle.name
+        result["lm_bundle"] = describe(args.lm_bundle)
         result["generation"] = generation_rows(args.lm_bundle, args.max_tokens)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,12 @@ def build_minilm() -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build_bundle(40)[0]
+
+
+def describe(bundle: Path) -> str:
+    """The bundle's folder name and the model it was made from (no machine paths)."""
+    base = json.loads((bundle / "manifest.json").read_text()).get("source_run", {}).get("base_model")
+    return f"{bundle.name} ({base})" if base else bundle.name
 
 
 def first_int8(bundle: Path) -> str:
