@@ -54,12 +54,24 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--batch-sweep", action="store_true", help="also measure other micro-batching settings")
+    parser.add_argument("--only-generation", action="store_true", help="measure generation only (--lm-bundle) and "
+                        "replace that part of an existing --out JSON")
     parser.add_argument("--builtin-texts", action="store_true", help="4 short built-in sentences instead of SST-2 "
                         "(for the tiny test bundles, whose vocabulary and positions are small)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "http.json")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
 
+    if args.only_generation:
+        if not args.lm_bundle:
+            parser.error("--only-generation needs --lm-bundle")
+        result = json.loads(args.out.read_text())
+        result.update(lm_bundle=describe(args.lm_bundle), generation_machine=machine(),
+                      generation=generation_rows(args.lm_bundle, args.max_tokens))
+        print_table(result)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     bundle = args.bundle or build_minilm()
     variant = args.variant or first_int8(bundle)
     texts = FALLBACK if args.builtin_texts else sentences()

@@ -348,6 +348,7 @@ def test_metrics_count_requests_errors_latency_and_tokens(server, client):
     assert metric(server, "tuneforge_request_errors_total", model="text", route="/v1/classify", status="400") >= 1
     assert metric(server, "tuneforge_request_seconds_count", model="text", route="/v1/classify") >= 1
     assert metric(server, "tuneforge_time_to_first_token_seconds_count", model="lm") >= 1
+    assert metric(server, "tuneforge_prompt_tokens_total", model="lm") >= 1
     text = requests.get(f"{server}/metrics", headers=AUTH, timeout=5).text
     assert "tuneforge_queue_depth" in text and "tuneforge_batch_size_bucket" in text
 

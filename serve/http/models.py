@@ -259,6 +259,7 @@ class Generator(ServedModel):
         finally:
             self.leave()
         self.metrics.running.labels(model=self.name).inc()
+        self.metrics.prompt_tokens.labels(model=self.name).inc(job.prompt_tokens)
 
         def produce() -> None:
             try:
