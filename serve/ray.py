@@ -30,13 +30,15 @@ APP_NAME = "tuneforge"
 
 
 def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
-              autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64) -> Any:
+              autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64,
+              log_level: str = "info") -> Any:
     """A Ray Serve application (bind it with `serve.run`) of one deployment serving every bundle of the config.
 
     config_json: ServerConfig.to_json() (the bundle paths must exist on the nodes that run replicas).
     replicas / num_cpus: replica count and CPUs reserved per replica (set the config's threads to match).
     autoscaling: Ray's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); replaces
     `replicas`. max_ongoing_requests: requests a replica holds at once before Ray queues them at the proxy.
+    log_level: the replicas' log level; below "info" Ray's per-request access log is off too (as uvicorn's is).
     """
     try:
         from ray import serve as ray_serve
@@ -56,8 +58,11 @@ def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
 
             return create_app(self.config)
 
+    level = {"TRACE": "DEBUG"}.get(log_level.upper(), log_level.upper())  # uvicorn's trace is Python's debug
     options: dict[str, Any] = {"name": APP_NAME, "ray_actor_options": {"num_cpus": num_cpus},
-                               "max_ongoing_requests": max_ongoing_requests}
+                               "max_ongoing_requests": max_ongoing_requests,
+                               "logging_config": {"log_level": level,
+                                                  "enable_access_log": level in ("DEBUG", "INFO")}}
     if autoscaling:
         options["autoscaling_config"] = autoscaling
     else:
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             autoscaling = {"min_replicas": low, "max_replicas": max(args.max_replicas or low, low),
                            "target_ongoing_requests": args.target_ongoing_requests}
         run(config.to_json(), host=args.host, port=args.port, address=args.address, replicas=args.replicas,
-            num_cpus=args.num_cpus, autoscaling=autoscaling, max_ongoing_requests=args.max_ongoing_requests)
+            num_cpus=args.num_cpus, autoscaling=autoscaling, max_ongoing_requests=args.max_ongoing_requests,
+            log_level=args.log_level)
     logger.info("serving on http://%s:%d (Ctrl+C stops)", args.host, args.port)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop Serve and the local Ray on SIGTERM too
     try:
