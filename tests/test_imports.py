@@ -15,7 +15,9 @@ HEAVY_OPTIONAL = ["gradio", "onnxruntime", "onnx", "peft", "gguf", "evaluate", "
 # Found by folder, so a new module is covered: the bundle floor and the runtime (everything in serve/ but the demo).
 TORCH_FREE = sorted(name for name in modules() if floor(name) in ("bundle", "runtime") and name != "serve.__main__")
 # finetune.metric_modules is evaluate's side of load_metric, imported only by it.
-ALL = sorted(name for name in modules() if not name.endswith("__main__") and name != "finetune.metric_modules")
+# The server's modules (serve.http, serve.ray) exist to run the web stack: they import it at the top.
+ALL = sorted(name for name in modules() if not name.endswith("__main__") and name != "finetune.metric_modules"
+             and floor(name) != "server")
 
 
 def modules_after(code: str) -> set[str]:

@@ -1,8 +1,10 @@
 """The floors of the house, checked over folders (docs/architecture.md): a module added anywhere is covered.
 
     serve/bundle/   the bundle contract: imports nothing else of tuneforge; standard library, numpy and Pillow only
-    serve/ runtime  (every serve module but the demo's): the bundle floor, serve's runtime modules, and the runtime's
-                    own dependencies (numpy, onnxruntime, tokenizers, Pillow; the HTTP server's web stack)
+    serve runtime   (every serve module but the demo's and the server's): the bundle floor, serve's runtime modules,
+                    and the runtime's own dependencies (numpy, onnxruntime, tokenizers, Pillow)
+    serve server    serve.http, serve.ray: the runtime floor and its web stack (FastAPI, uvicorn, Prometheus, Ray);
+                    the demo only to mount it (--demo)
     finetune/       never imports compress, nor serve beyond the bundle floor
     compress/       never imports serve beyond the bundle floor
 Packages never import recipes/ (scripts, not a library).
@@ -21,9 +23,10 @@ PACKAGES = ("finetune", "compress", "serve")
 # The demo's modules sit above the runtime: they open run directories with PyTorch (imported inside functions).
 DEMO = {"serve.app", "serve.app_explain", "serve.__main__", "serve.sources", "serve.pytorch", "serve.login"}
 BUNDLE_THIRD_PARTY = {"numpy", "PIL"}
-RUNTIME_THIRD_PARTY = BUNDLE_THIRD_PARTY | {"onnxruntime", "tokenizers", "fastapi", "starlette", "uvicorn",
-                                            "pydantic", "prometheus_client", "ray", "gradio",
+RUNTIME_THIRD_PARTY = BUNDLE_THIRD_PARTY | {"onnxruntime", "tokenizers",
                                             "jinja2"}  # chat templates, imported when a prompt uses one
+SERVER_THIRD_PARTY = RUNTIME_THIRD_PARTY | {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "ray",
+                                            "gradio"}
 
 
 def modules() -> dict[str, Path]:
@@ -53,6 +56,8 @@ def imports_of(path: Path) -> set[str]:
 def floor(name: str) -> str:
     if name == "serve.bundle" or name.startswith("serve.bundle."):
         return "bundle"
+    if name in ("serve.http", "serve.ray") or name.startswith("serve.http."):
+        return "server"
     if name.startswith("serve"):
         return "demo" if name in DEMO else "runtime"
     return name.split(".")[0]
@@ -71,8 +76,10 @@ def allowed(importer: str, imported: str) -> bool:
             return top in BUNDLE_THIRD_PARTY
         if where == "runtime":
             return top in RUNTIME_THIRD_PARTY
+        if where == "server":
+            return top in SERVER_THIRD_PARTY
         return True
-    return {"bundle": {"bundle"}, "runtime": {"bundle", "runtime"},
+    return {"bundle": {"bundle"}, "runtime": {"bundle", "runtime"}, "server": {"bundle", "runtime", "server", "demo"},
             "demo": {"bundle", "runtime", "demo", "finetune", "compress"},
             "finetune": {"bundle", "finetune"}, "compress": {"bundle", "finetune", "compress"}}[where].__contains__(
         target)
@@ -93,6 +100,8 @@ def test_the_floors_import_only_what_they_may():
     ("finetune.rundir", "compress.bundle", False), ("finetune.rundir", "serve.runtime", False),
     ("finetune.rundir", "serve.bundle.folders", True), ("compress.bundle", "serve.app", False),
     ("compress.training", "recipes.distill", False), ("serve.app", "finetune.config", True),
+    ("serve.http.app", "fastapi", True), ("serve.runtime", "fastapi", False), ("serve.http.models", "torch", False),
+    ("serve.http.app", "finetune.config", False),
 ])
 def test_the_rules_themselves(importer, imported, ok):
     """The checker says no where it must (so the test above cannot pass by accident)."""

@@ -19,4 +19,5 @@ class Task(str, Enum):
 
 TASKS = tuple(t.value for t in Task)
 TEXT_TASKS = (Task.TEXT_CLASSIFICATION, Task.TEXT_REGRESSION)  # tokenizer + sequence classifier
-CLASSIFIER_TASKS = (Task.TEXT_CLASSIFICATION, Task.IMAGE_CLASSIFICATION)  # labels and probabilities
+# What `predict` serves (scores per input, labels but for regression); the rest generates text.
+PREDICT_TASKS = (Task.TEXT_CLASSIFICATION, Task.TEXT_REGRESSION, Task.IMAGE_CLASSIFICATION)
