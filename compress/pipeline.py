@@ -380,6 +380,20 @@ STAGES: dict[str, StageKind] = {
 
 # --- after the stages ----------------------------------------------------------------------------------------------
 
+def portable(value: Any, bundle: Path) -> Any:
+    """`value` (a config as a dict) with every absolute path made relative to the bundle: what a manifest records, so
+    it carries no path of the machine that built it (`out` becomes ".")."""
+    if isinstance(value, dict):
+        return {k: portable(v, bundle) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, bundle) for v in value]
+    if isinstance(value, str) and Path(value).is_absolute():
+        return relative_path(Path(value), bundle)
+    if isinstance(value, str) and value and Path(value).resolve() == bundle.resolve():
+        return "."
+    return value
+
+
 def finish(p: Pipeline) -> None:
     """Time every variant and baseline on the same inputs, record it, choose the default variant, write the report."""
     from compress.report import write_report
@@ -405,7 +419,8 @@ def finish(p: Pipeline) -> None:
         data["default_variant"] = default
         if p.rejected:
             data["rejected"] = p.rejected
-        data["compress"] = {"config": config_to_dict(cfg), "metric": {"name": metric, "higher_is_better": higher},
+        data["compress"] = {"config": portable(config_to_dict(cfg), Path(cfg.out)),
+                            "metric": {"name": metric, "higher_is_better": higher},
                             "latency": {"settings": dataclasses.asdict(cfg.latency), "inputs": described,
                                         "timer": "time.perf_counter around one call, after warm-up"},
                             "baselines": p.baselines}
