@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -200,8 +201,10 @@ def batch_sweep(bundle: Path, variant: str, texts: list[str], total: int, cores:
 
 
 @contextmanager
-def process(cmd: list[str], port: int, env: dict[str, str] | None = None, timeout: float = 120):
-    """A server subprocess on 127.0.0.1:port, stopped with SIGINT (Ray shuts its local cluster down on it)."""
+def process(cmd: list[str], port: int, env: dict[str, str] | None = None, timeout: float = 120,
+            is_ready: Callable[[int], bool] | None = None):
+    """A server subprocess on 127.0.0.1:port, up once `is_ready(port)` (default: it answers a classify request),
+    stopped with SIGINT (Ray shuts its local cluster down on it)."""
     log = REPO / "runs" / "bench_http" / f"server_{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
@@ -209,7 +212,7 @@ def process(cmd: list[str], port: int, env: dict[str, str] | None = None, timeou
                                 env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     try:
         deadline = time.monotonic() + timeout
-        while not ready(port):
+        while not (is_ready or ready)(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{' '.join(cmd)} did not start; see {log}")
             time.sleep(0.5)
@@ -228,6 +231,16 @@ def ready(port: int) -> bool:
     try:
         return post(http.client.HTTPConnection("127.0.0.1", port, timeout=5), "/v1/classify",
                     {"model": "m", "inputs": ["warm up"]}) == 200
+    except OSError:
+        return False
+
+
+def health_ready(port: int) -> bool:
+    """The server says it is ready (a causal-LM server has no classify route)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status == 200
     except OSError:
         return False
 
@@ -333,7 +346,7 @@ def generation_rows(bundle: Path, max_tokens: int) -> list[dict]:
     port = free_port()
     cmd = [sys.executable, "-m", "serve.http", f"--name=m={bundle}", "--threads", "1", "--max-concurrent-generations",
            str(max(STREAMS)), "--max-tokens-cap", str(max_tokens), "--log-level", "warning"]
-    with process_lm(cmd, port):
+    with process(cmd, port, is_ready=health_ready):
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
         def remote() -> tuple[float, float, int]:
@@ -349,32 +362,6 @@ def generation_rows(bundle: Path, max_tokens: int) -> list[dict]:
             rows.append({"system": "server (OpenAI API, streamed)", "streams": streams, **run_streams(streams, remote)})
             print(rows[-1], flush=True)
     return rows
-
-
-@contextmanager
-def process_lm(cmd: list[str], port: int):
-    log = REPO / "runs" / "bench_http" / f"server_{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/v2/health/ready")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{' '.join(cmd)} did not start; see {log}")
-            time.sleep(0.5)
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
 
 
 # --- report ---------------------------------------------------------------------------------------------------------

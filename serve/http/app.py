@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,7 +29,7 @@ from serve.bundle.tasks import Task
 from serve.http import oip
 from serve.http import openai_api as oa
 from serve.http.config import ServerConfig
-from serve.http.errors import APIError, bad_request, error_body, not_found
+from serve.http.errors import APIError, bad_request, error_body, json_object, not_found
 from serve.http.metrics import Metrics
 from serve.http.middleware import ServerMiddleware
 from serve.http.models import Classifier, Generator, ServedModel, load_models
@@ -112,7 +111,7 @@ def _add_routes(app: FastAPI, models: dict[str, ServedModel], metrics: Metrics) 
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> JSONResponse:
-        data = _json_object(await request.body())
+        data = json_object(await request.body())
         model = _lookup(models, data.get("model"), request)
         if not isinstance(model, Classifier):
             raise bad_request(f"model {model.name!r} generates text; use /v1/completions or /v1/chat/completions",
@@ -185,16 +184,6 @@ async def _generate(model: Generator, job: oa.GenerationJob, body: oa.SamplingRe
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(oa.stream(model, job, first, pieces, chat=chat, include_usage=include_usage),
                              media_type="text/event-stream", headers=oa.SSE_HEADERS)
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise bad_request(f"the request body is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    return data
 
 
 def _image_bytes(index: int, value: Any) -> bytes:

@@ -46,3 +46,14 @@ def error_body(path: str, error: APIError) -> dict[str, Any]:
 
 def error_bytes(path: str, error: APIError) -> bytes:
     return json.dumps(error_body(path, error)).encode()
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 saying why not."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    return data

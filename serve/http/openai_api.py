@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.http.errors import APIError, bad_request
+from serve.http.errors import APIError, bad_request, json_object
 from serve.http.models import GenerationJob, Generator
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
@@ -61,12 +61,7 @@ class ChatRequest(SamplingRequest):
 
 def parse(model_type: type[BaseModel], body: bytes) -> Any:
     """The request as `model_type`, or a 400 naming the first bad field."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise bad_request(f"the request body is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
+    data = json_object(body)
     try:
         return model_type.model_validate(data)
     except ValidationError as err:
