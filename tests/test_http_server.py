@@ -178,6 +178,31 @@ def test_classify_route_for_texts_pairs_and_images(server, bundles):
     assert got.json()["predictions"][0]["label"] == runtime.load(bundles["image"]).predict([image])[0].label
 
 
+def test_explain_route_gives_the_runtimes_attributions(server, bundles):
+    from serve.explain import explain
+
+    text = "a wonderful, moving film"
+    got = post(server, "/v1/explain", {"model": "text", "input": text, "method": "shap", "samples": 16, "seed": 3})
+    assert got.status_code == 200, got.text
+    body = got.json()["explanation"]
+    expected = explain(runtime.load(bundles["text"]), text, method="shap", samples=16, seed=3)
+    assert [w["word"] for w in body["words"]] == expected.words
+    assert np.allclose([w["attribution"] for w in body["words"]], expected.attributions, atol=1e-5)
+    assert body["method"] == "shap" and body["model_calls"] == expected.model_calls and body["target"]
+    image = base64.b64encode(png_bytes(np.random.default_rng(2))).decode()
+    got = post(server, "/v1/explain", {"model": "image", "input": image, "method": "occlusion"})
+    assert got.status_code == 200, got.text
+    assert np.asarray(got.json()["explanation"]["attributions"]).shape == (24, 20)  # the model's input size
+    for body, message in [({"model": "text", "input": text, "method": "rise"}, "method"),
+                          ({"model": "text", "input": ""}, "empty"),
+                          ({"model": "text", "input": text, "samples": 0}, "samples"),
+                          ({"model": "text", "input": text, "baseline": "black"}, "do not apply"),
+                          ({"model": "lm", "input": text}, "generates text")]:
+        got = post(server, "/v1/explain", body)
+        assert got.status_code == 400 and message in got.json()["error"]["message"], (body, got.text)
+    assert post(server, "/v1/explain", {"model": "text", "input": text}).status_code == 200  # still answering
+
+
 def test_concurrent_classify_requests_are_micro_batched_and_correct(server, bundles):
     expected = {t: p.label for t, p in zip(TEXTS, runtime.load(bundles["text"]).predict(TEXTS), strict=True)}
     batches_before = metric(server, "tuneforge_batch_size_count", model="text")

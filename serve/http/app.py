@@ -132,6 +132,27 @@ def _add_routes(app: FastAPI, models: dict[str, ServedModel], metrics: Metrics) 
                     for p in predictions]
         return JSONResponse({"model": model.name, "predictions": rows})  # no jsonable_encoder pass: plain types
 
+    @app.post("/v1/explain")
+    async def explain(request: Request) -> JSONResponse:
+        """Attributions of one input's prediction: words (text) or pixels (images), see serve.explain."""
+        data = json_object(await request.body())
+        model = _lookup(models, data.get("model"), request)
+        if not isinstance(model, Classifier):
+            raise bad_request(f"model {model.name!r} generates text; explanations are for classifiers", param="model")
+        settings = {k: data[k] for k in EXPLAIN_SETTINGS if data.get(k) is not None}
+        for key in ("samples", "seed"):
+            if key in settings and (not isinstance(settings[key], int) or isinstance(settings[key], bool)):
+                raise bad_request(f"'{key}' must be an integer", param=key)
+        if model.is_image:
+            unknown = {"pair", "replacement"} & settings.keys()
+            given = _image_bytes(0, data.get("input"))
+        else:
+            unknown = {"baseline"} & settings.keys()
+            given = data.get("input")
+        if unknown:
+            raise bad_request(f"{', '.join(sorted(unknown))} do not apply to model {model.name!r}", param=min(unknown))
+        return JSONResponse({"model": model.name, "explanation": await model.explain(given, **settings)})
+
     # --- OpenAI-compatible ---
 
     @app.get("/v1/models")
@@ -184,6 +205,10 @@ async def _generate(model: Generator, job: oa.GenerationJob, body: oa.SamplingRe
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(oa.stream(model, job, first, pieces, chat=chat, include_usage=include_usage),
                              media_type="text/event-stream", headers=oa.SSE_HEADERS)
+
+
+# The explain route's optional settings (serve.explain.explain's keyword arguments).
+EXPLAIN_SETTINGS = ("method", "target", "samples", "seed", "pair", "replacement", "baseline")
 
 
 def _image_bytes(index: int, value: Any) -> bytes:

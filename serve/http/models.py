@@ -154,6 +154,25 @@ class Classifier(ServedModel):
         self.metrics.inputs.labels(model=self.name).inc(len(items))
         return results
 
+    async def explain(self, input: Any, **settings: Any) -> dict[str, Any]:
+        """Why the model decides what it does on one input (serve.explain: the model's own graph scores masked copies
+        in batched runs, on a worker thread), as JSON; admitted like a classify request."""
+        from serve.explain import explain
+
+        if self.is_image:
+            self._check_image_header(0, input)
+        elif not isinstance(input, str) or len(input) > self.limits.max_text_chars:
+            raise bad_request(f"'input' must be one text of at most {self.limits.max_text_chars:,} characters",
+                              param="input")
+        self.admit()
+        try:
+            why = await asyncio.to_thread(explain, self.predictor, input, **settings)
+        except TuneforgeError as err:
+            raise bad_request(str(err), param="input") from None
+        finally:
+            self.leave()
+        return why.to_dict()
+
     def warm_up(self) -> None:
         if self.is_image:
             size = self.predictor.spec.size
