@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Sampler
 
-from finetune.config import check_bounds
+from finetune.config import check_bounds, check_unique
 from finetune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,13 @@ class DataSourceConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     quoting: Literal["auto", "minimal", "none"] = "auto"  # csv quoting; auto: none for .tsv, minimal for .csv
+    # A csv / tsv without a header row (e.g. the original AG News files): the names of its columns, in order.
+    column_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_bounds(self, "in (0, 1)", "eval_fraction")
         check_bounds(self, ">= 1", "max_train_samples", "max_eval_samples")
+        check_column_names(self.column_names)
 
 
 def load_splits(cfg: DataSourceConfig) -> dict[str, Any]:
@@ -59,9 +62,9 @@ def load_splits(cfg: DataSourceConfig) -> dict[str, Any]:
     if eval_src is not None:
         check_local(eval_src, "data.eval")
     if Path(train_src).exists():
-        train = load_table(train_src, cfg.quoting)
+        train = load_table(train_src, cfg.quoting, column_names=cfg.column_names)
         if eval_src is not None and Path(eval_src).exists():
-            evals = load_table(eval_src, cfg.quoting)
+            evals = load_table(eval_src, cfg.quoting, column_names=cfg.column_names)
         elif eval_src is not None:
             raise DataError(f"eval file {eval_src!r} not found; set data.eval to an existing file or leave it empty "
                             "to hold out data.eval_fraction of train")
@@ -117,8 +120,16 @@ def check_local(source: str, key: str) -> None:
         raise DataError(f"data file {source!r} does not exist; fix {key} (paths are relative to {Path.cwd()})")
 
 
-def load_table(path: str, quoting: str = "auto") -> Any:
-    """A local csv/tsv/txt/json/jsonl/parquet file (or a folder of them) as one `datasets.Dataset`."""
+def check_column_names(names: list[str] | None) -> None:
+    """data.column_names, when set, names each column once."""
+    if names is not None and (not names or any(not str(n).strip() for n in names)):
+        raise ValueError(f"column_names must name every column of a headerless csv / tsv, got {names}")
+    check_unique(names, "column_names")
+
+
+def load_table(path: str, quoting: str = "auto", *, column_names: list[str] | None = None) -> Any:
+    """A local csv/tsv/txt/json/jsonl/parquet file (or a folder of them) as one `datasets.Dataset`; `column_names`
+    reads a csv / tsv without a header row (its first row is data)."""
     import datasets
 
     p = Path(path)
@@ -140,6 +151,11 @@ def load_table(path: str, quoting: str = "auto") -> Any:
     kwargs: dict[str, Any] = {}
     if builder == "text":  # one row per file, line breaks kept: a text file is one document
         kwargs["sample_by"] = "document"
+    if column_names is not None:
+        if builder != "csv":
+            raise DataError(f"data.column_names names the columns of a headerless csv / tsv, but {path!r} is "
+                            f"{suffix}; remove data.column_names")
+        kwargs["column_names"] = list(column_names)
     if builder == "csv":
         kwargs["delimiter"] = "\t" if suffix == ".tsv" else ","
         no_quoting = quoting == "none" or (quoting == "auto" and suffix == ".tsv")

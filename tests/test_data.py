@@ -75,6 +75,34 @@ def test_every_format_loads_the_same_texts_and_labels(tmp_path, ext):
         assert list(splits[split]["label"]) == [r["label"] for r in ROWS]
 
 
+def test_headerless_csv_and_tsv_read_with_column_names(tmp_path):
+    """Public datasets such as the original AG News files have no header row: data.column_names names the columns."""
+    (tmp_path / "train.csv").write_text('3,"Wall St. Bears Claw Back",Short-sellers see green\n'
+                                        '4,"Carlyle Looks Toward Aerospace",Private investment firm\n'
+                                        "3,Oil and Economy,Soaring crude prices\n")
+    (tmp_path / "train.tsv").write_text("a great film\tpositive\nawful\tnegative\nfine\tpositive\n")
+    cfg = TextDataConfig(train=str(tmp_path / "train.csv"), eval=str(tmp_path / "train.csv"),
+                         column_names=["label", "title", "text"])
+    raw = load_raw_splits(cfg, seed=0)
+    assert raw["train"].column_names == ["label", "title", "text"] and len(raw["train"]) == 3  # the first row is data
+    assert raw["train"][0]["title"] == "Wall St. Bears Claw Back" and str(raw["train"][0]["label"]) == "3"
+    raw = load_raw_splits(TextDataConfig(train=str(tmp_path / "train.tsv"), column_names=["text", "label"],
+                                         eval_fraction=0.34), seed=0)
+    assert len(raw["train"]) + len(raw["eval"]) == 3
+    (tmp_path / "rows.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    with pytest.raises(DataError, match=r"data.column_names names the columns of a headerless csv / tsv"):
+        load_raw_splits(TextDataConfig(train=str(tmp_path / "rows.jsonl"), column_names=["text", "label"]), seed=0)
+
+
+@pytest.mark.parametrize("names", [[], ["text", "text"], ["text", " "]])
+def test_column_names_must_name_each_column_once(names):
+    from finetune.config import config_from_dict
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="column_names"):
+        config_from_dict(TextDataConfig, {"column_names": names})
+
+
 def test_json_lines_with_json_extension_loads(tmp_path):
     path = tmp_path / "data.json"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

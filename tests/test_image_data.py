@@ -171,6 +171,21 @@ def test_csv_of_paths_and_labels(tmp_path):
         load_image_splits(ImageDataConfig(train=str(tmp_path / "train.csv"), label_column="shape"), seed=0)
 
 
+def test_headerless_csv_of_paths_and_labels_with_column_names(tmp_path):
+    images, labels = make_shape_images(6, seed=8)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{SHAPES[label]}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")  # no header row: the first row is an image
+    cfg = ImageDataConfig(train=str(tmp_path / "train.csv"), eval=str(tmp_path / "train.csv"), image_column="file",
+                          label_column="shape", label_names=SHAPES, column_names=["file", "shape"])
+    splits, _ = load_image_splits(cfg, seed=0)
+    assert len(splits["eval"]) == 6  # every row, the first included
+    np.testing.assert_array_equal(splits["eval"].labels, labels)
+
+
 def test_labels_subsets_and_missing_sources(shape_npz):
     cfg = ImageDataConfig(train=str(shape_npz), max_train_samples=10, max_eval_samples=5)
     splits, names = load_image_splits(cfg, seed=3)

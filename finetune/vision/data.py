@@ -26,7 +26,15 @@ import torch
 from PIL import Image
 
 from finetune.config import check_bounds, check_unique
-from finetune.data import EpochSampler, check_local, label_ids, load_hub_splits, load_table, resolve_label_names
+from finetune.data import (
+    EpochSampler,
+    check_column_names,
+    check_local,
+    label_ids,
+    load_hub_splits,
+    load_table,
+    resolve_label_names,
+)
 from finetune.errors import ConfigError, DataError
 from serve.bundle.preprocessing import (
     ImageError,
@@ -61,6 +69,7 @@ class ImageDataConfig:
     npz_train_keys: list[str] = field(default_factory=lambda: ["x_train", "y_train"])  # images, labels
     npz_eval_keys: list[str] = field(default_factory=lambda: ["x_test", "y_test"])
     bad_images: Literal["error", "skip"] = "error"  # an unreadable image file: stop naming it, or skip with a warning
+    column_names: list[str] | None = None  # a csv / tsv table without a header row: its columns' names, in order
     max_train_samples: int | None = None  # a random subset (fixed by the seed), for quick runs
     max_eval_samples: int | None = None
     # Preprocessing (saved with the model; None: the pretrained model's, else taken from the train images).
@@ -75,6 +84,7 @@ class ImageDataConfig:
         check_bounds(self, ">= 1", "max_train_samples", "max_eval_samples")
         check_bounds(self, "> 0", "std")
         check_unique(self.label_names, "label_names")
+        check_column_names(self.column_names)
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ValueError(f"image_size must be [height, width], got {self.image_size}")
         for name in ("npz_train_keys", "npz_eval_keys"):
@@ -156,7 +166,7 @@ def _load_source(source: str, cfg: ImageDataConfig, key: str) -> dict[str, Loade
         return _load_idx(path)
     if path.suffix.lower() in TABLE_SUFFIXES or (path.is_dir() and any(
             p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith("metadata") for p in path.iterdir())):
-        table = load_table(str(path))
+        table = load_table(str(path), column_names=cfg.column_names)
         return {"train": _decode_rows(table, cfg, path if path.is_dir() else path.parent, "train")}
     if path.is_dir():
         return _load_image_folder(path, cfg)
