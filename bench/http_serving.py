@@ -11,7 +11,9 @@ Classifiers: closed-loop clients (1, 8 and 32 at once), each sending one SST-2 t
 keep-alive connection (in-process: a predict call per request, from as many threads); requests/s over all clients,
 p50/p95 per request, errors. serve.http runs its defaults (one ONNX Runtime thread per run, one batch worker per core,
 batches of one request), the peer ONNX Runtime's defaults (what a user gets); each Ray replica 1 CPU, 1 thread, 1
-worker. --batch-sweep adds the in-process runtime at 32 clients with other batching settings (why the defaults).
+worker; then the same replicas with Ray's @serve.batch in place of the micro-batcher (serve.ray --ray-batch-max-size).
+Server rows carry mean_batch_size: inputs per model run, from the server's /metrics (Ray: one replica's).
+--batch-sweep adds the in-process runtime at 32 clients with other batching settings (why the defaults).
 Generation (with --lm-bundle): over the OpenAI API (streamed, greedy), time to first token and tokens/s of one
 stream, and aggregate tokens/s at 4 and 8 streams, against the runtime in-process (threads).
 The client runs on the same machine as the server: on a small shared machine it takes cores from it (the JSON says
@@ -96,6 +98,14 @@ def main() -> None:
                    "--log-level", "warning"]
             rows += http_rows(f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}", ray, texts, args.requests,
                               env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
+        # The same replicas with Ray's @serve.batch in place of the runtime's micro-batcher: up to 8 requests per
+        # run, taking what waits (0 ms, as the micro-batcher) and, on 1 replica, Ray's default 10 ms wait too.
+        for replicas, wait in ((1, 0), (2, 0), (1, 10)):
+            ray = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
+                   "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256", "--log-level", "warning",
+                   "--ray-batch-max-size", "8", "--ray-batch-wait-ms", str(wait)]
+            rows += http_rows(f"Ray Serve @serve.batch(8, {wait} ms), {replicas} replica{'s' * (replicas > 1)}",
+                              ray, texts, args.requests, env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
     if args.batch_sweep:
         result["batch_sweep_32_clients"] = batch_sweep(bundle, variant, texts, args.requests, cores)
     result["targets"] = targets(rows)
@@ -269,9 +279,32 @@ def http_rows(system: str, cmd: list[str], texts: list[str], total: int, env: di
                     local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                     return False
 
+            before = batch_sizes(port)
             rows.append({"system": system, "clients": clients, **closed_loop(clients, total, call)})
+            after = batch_sizes(port)
+            if before and after and after[1] > before[1]:  # inputs per model run (Ray: one replica's /metrics)
+                rows[-1]["mean_batch_size"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
             print(rows[-1], flush=True)
     return rows
+
+
+def batch_sizes(port: int) -> tuple[float, float] | None:
+    """(sum, count) of the server's batch-size histogram for model m, or None (the peer has no /metrics)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    if response.status != 200:
+        return None
+    values = {}
+    for line in text.splitlines():
+        for key in ("sum", "count"):
+            if line.startswith(f'tuneforge_batch_size_{key}{{model="m"}}'):
+                values[key] = float(line.split()[-1])
+    return (values["sum"], values["count"]) if len(values) == 2 else None
 
 
 def free_port() -> int:
@@ -370,10 +403,10 @@ def print_table(result: dict) -> None:
     m = result["machine"]
     print(f"\n{m['cpu']}, {m['cores']} cores, load average {m['load_average_1_5_15min']}; bundle {result['bundle']} "
           f"({result['variant']}), {result['requests_per_configuration']} requests per row")
-    print(f"{'system':38s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'errors':>6s}")
+    print(f"{'system':46s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'errors':>6s} {'batch':>6s}")
     for r in result["classify"]:
-        print(f"{r['system']:38s} {r['clients']:7d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} "
-              f"{r['errors']:6d}")
+        print(f"{r['system']:46s} {r['clients']:7d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} "
+              f"{r['errors']:6d} {r.get('mean_batch_size', ''):>6}")
     for name, t in result["targets"].items():
         print(f"target {name}: {t['value']} ({t.get('target', '')}) {'met' if t['met'] else 'NOT met'}")
     for r in result.get("batch_sweep_32_clients", []):
