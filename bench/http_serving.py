@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--only-ray", action="store_true", help="only the Ray rows on 1 replica, the runtime's "
+                        "micro-batcher and @serve.batch alternating (a paired comparison of the two batchers)")
     parser.add_argument("--batch-sweep", action="store_true", help="also measure other micro-batching settings")
     parser.add_argument("--only-generation", action="store_true", help="measure generation only (--lm-bundle) and "
                         "replace that part of an existing --out JSON")
@@ -84,6 +86,14 @@ def main() -> None:
                     "note": "client and server share this machine's cores; the machine was shared with other work "
                             "(see load_average)", "classify": []}
     rows = result["classify"]
+    if args.only_ray:
+        rows += ray_rows(bundle, variant, texts, args.requests, paired=True)
+        result["targets"] = {}
+        print_table(result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     rows += inprocess_rows(bundle, variant, texts, args.requests, cores)
     server = [sys.executable, "-m", "serve.http", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
               "--batch-workers", str(cores), "--max-batch-size", "1", "--max-queue", "256", "--log-level", "warning"]
@@ -92,20 +102,7 @@ def main() -> None:
     rows += http_rows("hand-written FastAPI + onnxruntime", peer, texts, args.requests,
                       env={"TUNEFORGE_PEER_BUNDLE": str(bundle), "TUNEFORGE_PEER_VARIANT": variant})
     if not args.skip_ray:
-        for replicas in (1, 2):
-            ray = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
-                   "--batch-workers", "1", "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256",
-                   "--log-level", "warning"]
-            rows += http_rows(f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}", ray, texts, args.requests,
-                              env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
-        # The same replicas with Ray's @serve.batch in place of the runtime's micro-batcher: up to 8 requests per
-        # run, taking what waits (0 ms, as the micro-batcher) and, on 1 replica, Ray's default 10 ms wait too.
-        for replicas, wait in ((1, 0), (2, 0), (1, 10)):
-            ray = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
-                   "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256", "--log-level", "warning",
-                   "--ray-batch-max-size", "8", "--ray-batch-wait-ms", str(wait)]
-            rows += http_rows(f"Ray Serve @serve.batch(8, {wait} ms), {replicas} replica{'s' * (replicas > 1)}",
-                              ray, texts, args.requests, env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
+        rows += ray_rows(bundle, variant, texts, args.requests)
     if args.batch_sweep:
         result["batch_sweep_32_clients"] = batch_sweep(bundle, variant, texts, args.requests, cores)
     result["targets"] = targets(rows)
@@ -189,6 +186,27 @@ def inprocess_rows(bundle: Path, variant: str, texts: list[str], total: int, cor
         rows.append({"system": "runtime in-process", "clients": clients, **row})
         print(rows[-1], flush=True)
     model.close()
+    return rows
+
+
+def ray_rows(bundle: Path, variant: str, texts: list[str], total: int, *, paired: bool = False) -> list[dict]:
+    """serve.ray, each replica 1 CPU, 1 thread: the runtime's micro-batcher (1 batch worker; its defaults, batches of
+    one request, and batches of up to 8 waiting 10 ms) and Ray's @serve.batch in its place (up to 8 requests per run,
+    taking what waits, 0 ms, or Ray's default wait, 10 ms). paired: 1 replica only, the two batchers alternating."""
+    micro = ["--batch-workers", "1"]
+    configs = [("Ray Serve, {r}", 1, micro), ("Ray Serve, {r}", 2, micro),
+               ("Ray Serve @serve.batch(8, 0 ms), {r}", 1, ["--ray-batch-max-size", "8", "--ray-batch-wait-ms", "0"]),
+               ("Ray Serve @serve.batch(8, 0 ms), {r}", 2, ["--ray-batch-max-size", "8", "--ray-batch-wait-ms", "0"]),
+               ("Ray Serve, micro-batcher(8, 10 ms), {r}", 1, [*micro, "--max-batch-size", "8", "--max-wait-ms", "10"]),
+               ("Ray Serve @serve.batch(8, 10 ms), {r}", 1, ["--ray-batch-max-size", "8", "--ray-batch-wait-ms", "10"])]
+    if paired:
+        configs = [c for c in configs if c[1] == 1]
+    rows = []
+    for name, replicas, extra in configs:
+        cmd = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
+               "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256", "--log-level", "warning", *extra]
+        rows += http_rows(name.format(r=f"{replicas} replica{'s' * (replicas > 1)}"), cmd, texts, total,
+                          env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
     return rows
 
 

@@ -132,7 +132,8 @@ def app_builder(args: dict[str, Any]) -> Any:
 
     `argv` takes serve.http's command-line options (bundles, --name, limits, --api-key; the key also comes from
     $TUNEFORGE_API_KEY where the config is deployed). Replicas, CPUs and autoscaling go in the config's
-    `deployments` section (name: tuneforge), which overrides the defaults here.
+    `deployments` section (name: tuneforge), which overrides the defaults here. `ray_batch_max_size` (and
+    `ray_batch_wait_ms`) in args batch classifier requests with Ray's @serve.batch, as on the command line.
     """
     parser = argparse.ArgumentParser(prog="serve.ray:app_builder")
     add_server_arguments(parser)
@@ -141,7 +142,9 @@ def app_builder(args: dict[str, Any]) -> Any:
         argv = argv.split()
     with exit_on_user_error():
         config = config_from_args(parser, parser.parse_args([str(a) for a in argv]))
-    return build_app(config.to_json())
+    size = args.get("ray_batch_max_size")
+    return build_app(config.to_json(), ray_batch=(int(size), float(args.get("ray_batch_wait_ms", 0.0))) if size
+                     else None)
 
 
 def run(config_json: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,

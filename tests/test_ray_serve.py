@@ -134,6 +134,9 @@ def test_serve_config_builder_takes_the_command_line_options(serve_text_bundle: 
 
     app = app_builder({"argv": [f"--name=text={serve_text_bundle}", "--threads", "1", "--max-queue", "8"]})
     assert isinstance(app, Application)
+    batched = app_builder({"argv": [f"--name=text={serve_text_bundle}"], "ray_batch_max_size": 8,
+                           "ray_batch_wait_ms": 5})
+    assert isinstance(batched, Application)
 
 
 def test_ray_command_line_help():
