@@ -11,7 +11,9 @@ Classifiers: closed-loop clients (1, 8 and 32 at once), each sending one SST-2 t
 keep-alive connection (in-process: a predict call per request, from as many threads); requests/s over all clients,
 p50/p95 per request, errors. serve.http runs its defaults (one ONNX Runtime thread per run, one batch worker per core,
 batches of one request), the peer ONNX Runtime's defaults (what a user gets); each Ray replica 1 CPU, 1 thread, 1
-worker. --batch-sweep adds the in-process runtime at 32 clients with other batching settings (why the defaults).
+worker; then the same replicas with Ray's @serve.batch in place of the micro-batcher (serve.ray --ray-batch-max-size).
+Server rows carry mean_batch_size: inputs per model run, from the server's /metrics (Ray: one replica's).
+--batch-sweep adds the in-process runtime at 32 clients with other batching settings (why the defaults).
 Generation (with --lm-bundle): over the OpenAI API (streamed, greedy), time to first token and tokens/s of one
 stream, and aggregate tokens/s at 4 and 8 streams, against the runtime in-process (threads).
 The client runs on the same machine as the server: on a small shared machine it takes cores from it (the JSON says
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per configuration")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--only-ray", action="store_true", help="only the Ray rows on 1 replica, the runtime's "
+                        "micro-batcher and @serve.batch alternating (a paired comparison of the two batchers)")
     parser.add_argument("--batch-sweep", action="store_true", help="also measure other micro-batching settings")
     parser.add_argument("--only-generation", action="store_true", help="measure generation only (--lm-bundle) and "
                         "replace that part of an existing --out JSON")
@@ -82,6 +86,14 @@ def main() -> None:
                     "note": "client and server share this machine's cores; the machine was shared with other work "
                             "(see load_average)", "classify": []}
     rows = result["classify"]
+    if args.only_ray:
+        rows += ray_rows(bundle, variant, texts, args.requests, paired=True)
+        result["targets"] = {}
+        print_table(result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     rows += inprocess_rows(bundle, variant, texts, args.requests, cores)
     server = [sys.executable, "-m", "serve.http", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
               "--batch-workers", str(cores), "--max-batch-size", "1", "--max-queue", "256", "--log-level", "warning"]
@@ -90,12 +102,7 @@ def main() -> None:
     rows += http_rows("hand-written FastAPI + onnxruntime", peer, texts, args.requests,
                       env={"TUNEFORGE_PEER_BUNDLE": str(bundle), "TUNEFORGE_PEER_VARIANT": variant})
     if not args.skip_ray:
-        for replicas in (1, 2):
-            ray = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
-                   "--batch-workers", "1", "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256",
-                   "--log-level", "warning"]
-            rows += http_rows(f"Ray Serve, {replicas} replica{'s' * (replicas > 1)}", ray, texts, args.requests,
-                              env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
+        rows += ray_rows(bundle, variant, texts, args.requests)
     if args.batch_sweep:
         result["batch_sweep_32_clients"] = batch_sweep(bundle, variant, texts, args.requests, cores)
     result["targets"] = targets(rows)
@@ -179,6 +186,27 @@ def inprocess_rows(bundle: Path, variant: str, texts: list[str], total: int, cor
         rows.append({"system": "runtime in-process", "clients": clients, **row})
         print(rows[-1], flush=True)
     model.close()
+    return rows
+
+
+def ray_rows(bundle: Path, variant: str, texts: list[str], total: int, *, paired: bool = False) -> list[dict]:
+    """serve.ray, each replica 1 CPU, 1 thread: the runtime's micro-batcher (1 batch worker; its defaults, batches of
+    one request, and batches of up to 8 waiting 10 ms) and Ray's @serve.batch in its place (up to 8 requests per run,
+    taking what waits, 0 ms, or Ray's default wait, 10 ms). paired: 1 replica only, the two batchers alternating."""
+    micro = ["--batch-workers", "1"]
+    configs = [("Ray Serve, {r}", 1, micro), ("Ray Serve, {r}", 2, micro),
+               ("Ray Serve @serve.batch(8, 0 ms), {r}", 1, ["--ray-batch-max-size", "8", "--ray-batch-wait-ms", "0"]),
+               ("Ray Serve @serve.batch(8, 0 ms), {r}", 2, ["--ray-batch-max-size", "8", "--ray-batch-wait-ms", "0"]),
+               ("Ray Serve, micro-batcher(8, 10 ms), {r}", 1, [*micro, "--max-batch-size", "8", "--max-wait-ms", "10"]),
+               ("Ray Serve @serve.batch(8, 10 ms), {r}", 1, ["--ray-batch-max-size", "8", "--ray-batch-wait-ms", "10"])]
+    if paired:
+        configs = [c for c in configs if c[1] == 1]
+    rows = []
+    for name, replicas, extra in configs:
+        cmd = [sys.executable, "-m", "serve.ray", f"--name=m={bundle}", "--variant", variant, "--threads", "1",
+               "--replicas", str(replicas), "--num-cpus", "1", "--max-queue", "256", "--log-level", "warning", *extra]
+        rows += http_rows(name.format(r=f"{replicas} replica{'s' * (replicas > 1)}"), cmd, texts, total,
+                          env={"RAY_USAGE_STATS_ENABLED": "0"}, start_timeout=180)
     return rows
 
 
@@ -269,9 +297,32 @@ def http_rows(system: str, cmd: list[str], texts: list[str], total: int, env: di
                     local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                     return False
 
+            before = batch_sizes(port)
             rows.append({"system": system, "clients": clients, **closed_loop(clients, total, call)})
+            after = batch_sizes(port)
+            if before and after and after[1] > before[1]:  # inputs per model run (Ray: one replica's /metrics)
+                rows[-1]["mean_batch_size"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
             print(rows[-1], flush=True)
     return rows
+
+
+def batch_sizes(port: int) -> tuple[float, float] | None:
+    """(sum, count) of the server's batch-size histogram for model m, or None (the peer has no /metrics)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    if response.status != 200:
+        return None
+    values = {}
+    for line in text.splitlines():
+        for key in ("sum", "count"):
+            if line.startswith(f'tuneforge_batch_size_{key}{{model="m"}}'):
+                values[key] = float(line.split()[-1])
+    return (values["sum"], values["count"]) if len(values) == 2 else None
 
 
 def free_port() -> int:
@@ -370,10 +421,10 @@ def print_table(result: dict) -> None:
     m = result["machine"]
     print(f"\n{m['cpu']}, {m['cores']} cores, load average {m['load_average_1_5_15min']}; bundle {result['bundle']} "
           f"({result['variant']}), {result['requests_per_configuration']} requests per row")
-    print(f"{'system':38s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'errors':>6s}")
+    print(f"{'system':46s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'errors':>6s} {'batch':>6s}")
     for r in result["classify"]:
-        print(f"{r['system']:38s} {r['clients']:7d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} "
-              f"{r['errors']:6d}")
+        print(f"{r['system']:46s} {r['clients']:7d} {r['requests_per_s']:8.1f} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} "
+              f"{r['errors']:6d} {r.get('mean_batch_size', ''):>6}")
     for name, t in result["targets"].items():
         print(f"target {name}: {t['value']} ({t.get('target', '')}) {'met' if t['met'] else 'NOT met'}")
     for r in result.get("batch_sweep_32_clients", []):

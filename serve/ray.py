@@ -5,8 +5,9 @@
 
 Each replica is a Ray actor that loads every bundle once and serves serve.http's FastAPI app through
 `@serve.ingress` (built in the replica, so nothing heavy is pickled); Ray's proxy spreads requests over the replicas.
-Classifier batching stays the runtime's micro-batcher inside each replica (Ray's @serve.batch would batch the same
-requests a second time; docs/serving.md has the measurement). On a cluster (`ray start --head` on one machine,
+Classifier batching is the runtime's micro-batcher inside each replica by default; `--ray-batch-max-size N` batches
+each classifier's requests with Ray's `@serve.batch` instead (docs/serving-http.md has the measurement of both).
+On a cluster (`ray start --head` on one machine,
 `ray start --address HEAD:6379` on the others, or KubeRay's RayService), bundles must be at the same path on every
 node (a shared volume, or baked into the image): `--address auto` connects to it instead of starting a local Ray.
 """
@@ -14,10 +15,12 @@ node (a shared volume, or baked into the image): `--address auto` connects to it
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from serve.bundle.errors import exit_on_user_error
@@ -29,9 +32,49 @@ logger = logging.getLogger(__name__)
 APP_NAME = "tuneforge"
 
 
+def run_requests(run_batch: Callable[[list[Any]], Sequence[Any]], requests: list[list[Any]]) -> list[Any]:
+    """One model run over the rows of several requests; each request's results (its slice), or the exception it
+    caused: when a batch of several requests fails, each runs again alone, so one bad request cannot fail the others
+    (as in the runtime's MicroBatcher)."""
+    rows = [row for request in requests for row in request]
+    try:
+        results = list(run_batch(rows))
+        if len(results) != len(rows):
+            raise RuntimeError(f"the batch function returned {len(results)} results for {len(rows)} rows")
+    except Exception as err:
+        if len(requests) == 1:
+            return [err]
+        return [run_requests(run_batch, [request])[0] for request in requests]
+    out, start = [], 0
+    for request in requests:
+        out.append(results[start:start + len(request)])
+        start += len(request)
+    return out
+
+
+def ray_batched(run_batch: Callable[[list[Any]], Sequence[Any]], max_batch_size: int,
+                wait_ms: float) -> Callable[[list[Any]], Awaitable[list[Any]]]:
+    """A classifier's batch function (rows -> results) behind Ray Serve's `@serve.batch` (call it in a replica):
+    each call is one request's rows; Ray gathers up to `max_batch_size` requests (waiting at most `wait_ms` after the
+    first) and their rows run once, off the replica's event loop. A request is never split."""
+    from ray import serve as ray_serve
+
+    @ray_serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_ms / 1000)
+    async def batch(requests: list[list[Any]]) -> list[Any]:
+        return await asyncio.to_thread(run_requests, run_batch, requests)
+
+    async def submit(rows: list[Any]) -> list[Any]:
+        result = await batch(rows)
+        if isinstance(result, BaseException):  # this request's own failure (handed back as a value, not raised)
+            raise result
+        return result
+
+    return submit
+
+
 def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
               autoscaling: dict[str, Any] | None = None, max_ongoing_requests: int = 64,
-              log_level: str = "info") -> Any:
+              log_level: str = "info", ray_batch: tuple[int, float] | None = None) -> Any:
     """A Ray Serve application (bind it with `serve.run`) of one deployment serving every bundle of the config.
 
     config_json: ServerConfig.to_json() (the bundle paths must exist on the nodes that run replicas).
@@ -39,6 +82,8 @@ def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
     autoscaling: Ray's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); replaces
     `replicas`. max_ongoing_requests: requests a replica holds at once before Ray queues them at the proxy.
     log_level: the replicas' log level; below "info" Ray's per-request access log is off too (as uvicorn's is).
+    ray_batch: (max_batch_size in requests, wait in ms): batch classifier requests with Ray's @serve.batch instead of
+    the runtime's micro-batcher.
     """
     try:
         from ray import serve as ray_serve
@@ -48,15 +93,21 @@ def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
     class TuneforgeServer:
         """One replica: the serve.http app over its own copy of the models."""
 
-        def __init__(self, config_json: str):
+        def __init__(self, config_json: str, ray_batch: tuple[int, float] | None = None):
             from serve.http.config import ServerConfig
 
-            self.config = ServerConfig.from_json(config_json)
+            self.config, self.ray_batch = ServerConfig.from_json(config_json), ray_batch
 
         def __serve_build_asgi_app__(self) -> Any:
             from serve.http.app import create_app
+            from serve.http.models import Classifier
 
-            return create_app(self.config)
+            app = create_app(self.config)
+            if self.ray_batch:
+                for model in app.state.models.values():
+                    if isinstance(model, Classifier):
+                        model.batch_fn = ray_batched(model.run_batch, *self.ray_batch)
+            return app
 
     level = {"TRACE": "DEBUG"}.get(log_level.upper(), log_level.upper())  # uvicorn's trace is Python's debug
     options: dict[str, Any] = {"name": APP_NAME, "ray_actor_options": {"num_cpus": num_cpus},
@@ -68,7 +119,7 @@ def build_app(config_json: str, *, replicas: int = 1, num_cpus: float = 1.0,
     else:
         options["num_replicas"] = replicas
     deployment = ray_serve.deployment(**options)(ray_serve.ingress()(TuneforgeServer))
-    return deployment.bind(config_json)
+    return deployment.bind(config_json, tuple(ray_batch) if ray_batch else None)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -81,7 +132,8 @@ def app_builder(args: dict[str, Any]) -> Any:
 
     `argv` takes serve.http's command-line options (bundles, --name, limits, --api-key; the key also comes from
     $TUNEFORGE_API_KEY where the config is deployed). Replicas, CPUs and autoscaling go in the config's
-    `deployments` section (name: tuneforge), which overrides the defaults here.
+    `deployments` section (name: tuneforge), which overrides the defaults here. `ray_batch_max_size` (and
+    `ray_batch_wait_ms`) in args batch classifier requests with Ray's @serve.batch, as on the command line.
     """
     parser = argparse.ArgumentParser(prog="serve.ray:app_builder")
     add_server_arguments(parser)
@@ -90,7 +142,9 @@ def app_builder(args: dict[str, Any]) -> Any:
         argv = argv.split()
     with exit_on_user_error():
         config = config_from_args(parser, parser.parse_args([str(a) for a in argv]))
-    return build_app(config.to_json())
+    size = args.get("ray_batch_max_size")
+    return build_app(config.to_json(), ray_batch=(int(size), float(args.get("ray_batch_wait_ms", 0.0))) if size
+                     else None)
 
 
 def run(config_json: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
@@ -119,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-ongoing-requests", type=float, default=8.0,
                         help="autoscaling: requests per replica Ray aims for")
     parser.add_argument("--max-ongoing-requests", type=int, default=64)
+    parser.add_argument("--ray-batch-max-size", type=int, default=None, help="batch classifier requests with Ray's "
+                        "@serve.batch (at most this many requests per run) instead of the runtime's micro-batcher")
+    parser.add_argument("--ray-batch-wait-ms", type=float, default=0.0, help="with --ray-batch-max-size: how long a "
+                        "batch waits for more requests after its first (ms)")
     parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto', or HEAD:6379); default: "
                         "start a local Ray")
     args = parser.parse_args(argv)
@@ -127,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         config = config_from_args(parser, args)
         if config.demo:
             raise ServeError("--demo is not served on Ray; run it with python -m serve.http")
+        if args.ray_batch_max_size is not None and (args.ray_batch_max_size < 1 or args.ray_batch_wait_ms < 0):
+            raise ServeError("--ray-batch-max-size must be >= 1 and --ray-batch-wait-ms >= 0")
+        ray_batch = (args.ray_batch_max_size, args.ray_batch_wait_ms) if args.ray_batch_max_size else None
         autoscaling = None
         if args.min_replicas is not None or args.max_replicas is not None:
             low = args.min_replicas if args.min_replicas is not None else 1
@@ -134,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                            "target_ongoing_requests": args.target_ongoing_requests}
         run(config.to_json(), host=args.host, port=args.port, address=args.address, replicas=args.replicas,
             num_cpus=args.num_cpus, autoscaling=autoscaling, max_ongoing_requests=args.max_ongoing_requests,
-            log_level=args.log_level)
+            log_level=args.log_level, ray_batch=ray_batch)
     logger.info("serving on http://%s:%d (Ctrl+C stops)", args.host, args.port)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop Serve and the local Ray on SIGTERM too
     try:

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,7 +87,10 @@ class Classifier(ServedModel):
             batch_sizes.observe(len(items))
             return run(items)
 
+        self.run_batch = observed  # one model run over a batch of rows (the batch size counted)
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(observed, batching, name=f"{self.name} batcher")
+        # Another batcher in its place (serve.ray's @serve.batch option): rows -> awaitable results, or None.
+        self.batch_fn: Callable[[list[Any]], Awaitable[list[Any]]] | None = None
 
     def check_count(self, count: int, what: str) -> None:
         if count == 0:
@@ -146,7 +149,10 @@ class Classifier(ServedModel):
     async def _batched(self, items: list[Any]) -> list[Any]:
         self.admit()
         try:
-            results = await asyncio.wrap_future(self.batcher.submit(items))
+            if self.batch_fn is not None:
+                results = await self.batch_fn(items)
+            else:
+                results = await asyncio.wrap_future(self.batcher.submit(items))
         except TuneforgeError as err:  # raised while tokenizing / running this request's rows
             raise bad_request(str(err), param="inputs") from None
         finally:
