@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 from finetune.config import yaml_load
 
@@ -146,7 +146,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
 
     rows = [("held-out loss, zero-shot", f"{zero['eval_loss']:.4f}"),
             ("held-out loss, fine-tuned", f"{after['eval_loss']:.4f}"),

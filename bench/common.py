@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +40,14 @@ def machine() -> dict:
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's JSON with no absolute path of this machine: paths in the repo become relative to it,
+    ../shared stays ../shared, temp folders become <tmp>."""
+    text = json.dumps(result, indent=2, default=str)
+    for prefix, short in ((str(REPO.parent / "shared"), "../shared"), (str(REPO) + "/", ""), (str(REPO), "."),
+                          (tempfile.gettempdir(), "<tmp>"), (str(Path.home()), "~")):
+        text = text.replace(prefix, short)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 from compress.latency import (
     LatencyConfig,
@@ -344,7 +344,7 @@ def main() -> None:
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(out, result)
 
     text = result["text"]
     print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores, load average "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 sys.path.insert(0, str(REPO))
 
@@ -239,7 +238,7 @@ def main() -> None:
     report["load_average_at_end_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     print(f"\ntargets: {report['targets']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, report)
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, machine
+from common import REPO, machine, write_result
 
 CLIENTS = (1, 8, 32)
 STREAMS = (1, 4, 8)
@@ -74,7 +74,7 @@ def main() -> None:
         result.update(lm_bundle=describe(args.lm_bundle), generation_machine=machine(),
                       generation=generation_rows(args.lm_bundle, args.max_tokens))
         print_table(result)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result)
         print(f"wrote {args.out}")
         return
     bundle = args.bundle or build_minilm()
@@ -91,7 +91,7 @@ def main() -> None:
         result["targets"] = {}
         print_table(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result)
         print(f"wrote {args.out}")
         return
     rows += inprocess_rows(bundle, variant, texts, args.requests, cores)
@@ -111,7 +111,7 @@ def main() -> None:
         result["generation"] = generation_rows(args.lm_bundle, args.max_tokens)
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

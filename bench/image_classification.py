@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 MODELS = {  # name -> (shipped config, test-accuracy target)
     "cnn": ("recipes/configs/image_classification/mnist_cnn.yaml", 0.993),
@@ -112,7 +112,7 @@ def main() -> None:
               "machine": start_machine, "load_average_at_end": machine()["load_average_1_5_15min"], "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
 
     m = result["machine"]
     print(f"\nMNIST baselines on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "

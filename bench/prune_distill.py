@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 from compress.training import ScriptTrainer
 
@@ -153,7 +153,7 @@ def main() -> None:
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
 
     print(f"\nSST-2 (test, 872 sentences), all-MiniLM-L6-v2 teacher; {args.threads} thread(s) on "
           f"{result['machine']['cpu']}")

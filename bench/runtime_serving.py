@@ -33,7 +33,7 @@ from pathlib import Path
 # not enough).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 WORK = REPO / "runs" / "bench_serve"
 CALLERS = (1, 4, 8)
@@ -71,7 +71,7 @@ def main() -> None:
               "targets": targets(rows, cold)}
     print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, machine, run_measured
+from common import REPO, machine, run_measured, write_result
 
 from finetune.config import yaml_load
 from finetune.tracking import read_metrics_log
@@ -204,7 +204,7 @@ def main() -> None:
               "targets": targets, "runs": runs}
     out = Path(args.out or REPO / f"bench/results/text_classification{'_full' if args.full else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
 
     print(f"\nSST-2, all-MiniLM-L6-v2, {'all data' if args.full else f'{args.train_samples} sentences'}, "
           f"on {result['machine']['cpu']} ({result['machine']['cores']} cores)")

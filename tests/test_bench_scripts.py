@@ -23,3 +23,12 @@ def test_bench_script_help_runs(script):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_committed_results_carry_no_absolute_paths():
+    """bench/results/*.json are shared artifacts: no path of the machine that wrote them (common.write_result)."""
+    results = sorted((REPO / "bench" / "results").glob("*.json"))
+    assert len(results) >= 10
+    leaked = [p.name for p in results if any(f'"{root}' in p.read_text() or f" {root}" in p.read_text()
+                                             for root in ("/tmp/", "/work/", "/root/", "/home/", str(REPO)))]
+    assert not leaked, f"absolute paths in {leaked}"
