@@ -149,6 +149,38 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_bert, sentiment
     assert log2[24] == pytest.approx(log1[24], rel=1e-4, abs=1e-5)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_on_one_host_match_one_process(tiny_bert, sentiment_data, tmp_path):
+    """`accelerate launch --num_machines 2 --machine_rank {0,1}` (one gloo process per "machine", rendezvous on
+    127.0.0.1), as a user types it on two machines: the same eval loss and counts as one process with the same
+    global batch."""
+    common = ["train.epochs=2", "checkpoint.at_epoch_end=false"]
+    one = tmp_path / "one"
+    run_recipe("text_classification", *tiny_args(tiny_bert, sentiment_data, one, *common))
+    two, port = tmp_path / "two", free_port()
+    args = [str(REPO / "recipes" / "text_classification.py"),
+            *tiny_args(tiny_bert, sentiment_data, two, *common, "train.batch_size=4")]
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", *args], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}) for rank in (0, 1)]
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["eval"]["num_examples"] == m1["eval"]["num_examples"] == 17
+    assert m2["train"]["samples"] == m1["train"]["samples"] == 2 * 96
+    assert m2["last_eval"]["eval_loss"] == pytest.approx(m1["last_eval"]["eval_loss"], rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["data.train=/nonexistent/train.csv"], "does not exist"),
     (["data.text_column=review"],
@@ -165,3 +197,33 @@ def test_bad_input_gives_one_clear_line(tiny_bert, sentiment_data, tmp_path, ove
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, last
+
+
+def test_slurm_script_launches_one_accelerate_per_node(tmp_path):
+    """recipes/slurm/multinode.sbatch under stand-ins for scontrol, srun (2 nodes) and accelerate: bash accepts it,
+    and each node runs `accelerate launch` with its own machine rank and the rendezvous on the first node."""
+    script = REPO / "recipes" / "slurm" / "multinode.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "scontrol": 'printf "node-a\\nnode-b\\n"',
+        # srun: the command once per node, with that node's SLURM_PROCID
+        "srun": 'for rank in 0 1; do SLURM_PROCID=$rank "$@" || exit 1; done',
+        "accelerate": 'echo "$SLURM_PROCID: $*" >> "$LAUNCHES"',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    launches = tmp_path / "launches.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_NNODES": "2", "GPUS_PER_NODE": "2", "LAUNCHES": str(launches)}
+    proc = subprocess.run(["bash", str(script), "recipes/causal_lm.py", "--config", "x.yaml", "train.epochs=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = launches.read_text().splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        assert line.startswith(f"{rank}: launch --multi_gpu --num_machines 2 --num_processes 4 --machine_rank {rank} "
+                               "--main_process_ip node-a --main_process_port 29500 --rdzv_backend c10d")
+        assert line.endswith("recipes/causal_lm.py --config x.yaml train.epochs=1")
