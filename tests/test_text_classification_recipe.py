@@ -199,6 +199,45 @@ def test_bad_input_gives_one_clear_line(tiny_bert, sentiment_data, tmp_path, ove
     assert last.startswith("error: ") and expected in last, last
 
 
+def test_fsdp_on_two_cpu_processes_matches_ddp_saves_resumes_and_exports_a_plain_model(tiny_bert, sentiment_data,
+                                                                                       tmp_path):
+    """The shipped fsdp.yaml (FSDP2) on 2 gloo processes. On a CPU it needs `--fsdp_cpu_ram_efficient_loading false`:
+    with it on, ranks > 0 load the weights on the meta device and accelerate's prepare fails ("Cannot copy out of meta
+    tensor"). Straight through: the eval loss of one process with the same global batch. Stopped at step 12 and
+    resumed from its checkpoint: the loss DDP gets from the same stop and resume. model/ loads as a plain model."""
+    common = ["train.epochs=2", "checkpoint.at_epoch_end=false", "checkpoint.every_n_steps=12"]
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "recipes" / "configs" / "accelerate" / "fsdp.yaml"), "--mixed_precision", "no",
+            "--fsdp_cpu_ram_efficient_loading", "false", "--main_process_port", "0"]
+
+    def loss(run: Path) -> float:
+        return json.loads((run / "metrics.json").read_text())["last_eval"]["eval_loss"]
+
+    one = tmp_path / "one"
+    run_recipe("text_classification", *tiny_args(tiny_bert, sentiment_data, one, *common))
+    straight = tmp_path / "fsdp"
+    run_recipe("text_classification", *tiny_args(tiny_bert, sentiment_data, straight, *common, "train.batch_size=4"),
+               launcher=fsdp)
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["eval"]["num_examples"] == 17 and metrics["train"]["steps"] == 24
+    assert loss(straight) == pytest.approx(loss(one), rel=1e-4, abs=1e-5)
+    resumed = {}
+    for name, launcher in (("ddp", ddp), ("fsdp", fsdp)):
+        run = tmp_path / f"{name}-resumed"
+        for extra in ("train.max_steps=12", "checkpoint.resume_from=latest"):
+            run_recipe("text_classification", *tiny_args(tiny_bert, sentiment_data, run, *common, "train.batch_size=4",
+                                                         extra), launcher=launcher)
+        assert "resumed from" in (run / "logs" / "train.log").read_text()
+        resumed[name] = loss(run)
+    assert resumed["fsdp"] == pytest.approx(resumed["ddp"], rel=1e-4, abs=1e-5)
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(straight / "model")  # no FSDP wrapper, no sharding
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
+
+
 def test_slurm_script_launches_one_accelerate_per_node(tmp_path):
     """recipes/slurm/multinode.sbatch under stand-ins for scontrol, srun (2 nodes) and accelerate: bash accepts it,
     and each node runs `accelerate launch` with its own machine rank and the rendezvous on the first node."""
