@@ -25,7 +25,7 @@ from torch import nn
 
 from compress.errors import StageError
 from compress.source import read_run
-from compress.training import Trainer, check_output_run, output_run_guard, require_trainer, temp_dir_near
+from compress.training import OUTPUT_RUN_GUARD, Trainer, check_output_run, require_trainer, temp_dir_near
 from serve.bundle.folders import remove_temp, replace_folder
 from serve.bundle.tasks import Task
 
@@ -126,7 +126,7 @@ def distill_run(teacher_run: str | Path, out_dir: str | Path, *, config: Distill
         args = ["--config", config_file, f"teacher={teacher.run_dir.resolve()}",
                 f"train.output_dir={(work / 'run').resolve()}", "train.overwrite=true", *config.recipe_args()]
         trainer("distill", args, log=work / "recipe.log")
-        replace_folder(work / "run", out, output_run_guard())
+        replace_folder(work / "run", out, OUTPUT_RUN_GUARD)
     finally:
         remove_temp(work)
     logger.info("distilled run written to %s", out)

@@ -382,15 +382,13 @@ STAGES: dict[str, StageKind] = {
 
 def portable(value: Any, bundle: Path) -> Any:
     """`value` (a config as a dict) with every absolute path made relative to the bundle: what a manifest records, so
-    it carries no path of the machine that built it (`out` becomes ".")."""
+    it carries no path of the machine that built it."""
     if isinstance(value, dict):
         return {k: portable(v, bundle) for k, v in value.items()}
     if isinstance(value, list):
         return [portable(v, bundle) for v in value]
     if isinstance(value, str) and Path(value).is_absolute():
         return relative_path(Path(value), bundle)
-    if isinstance(value, str) and value and Path(value).resolve() == bundle.resolve():
-        return "."
     return value
 
 

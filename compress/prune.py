@@ -29,10 +29,10 @@ from compress.source import Run, load_model, read_run
 from compress.sparsity import prune_magnitude_
 from compress.structured import gradient_scores, magnitude_scores, prune_units_
 from compress.training import (
+    OUTPUT_RUN_GUARD,
     TASK_RECIPES,
     Trainer,
     check_output_run,
-    output_run_guard,
     require_trainer,
     temp_dir_near,
 )
@@ -97,7 +97,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, *, config: PruneConfig, 
                          "support; use scope: layer for causal LMs")
     work = temp_dir_near(out, "prune")
     try:
-        replace_folder(_prune(source, work, config, trainer), out, output_run_guard())
+        replace_folder(_prune(source, work, config, trainer), out, OUTPUT_RUN_GUARD)
     finally:
         remove_temp(work)
     logger.info("pruned run written to %s", out)

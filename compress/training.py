@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from compress.errors import StageError
-from serve.bundle.folders import FolderGuard, run_dir_guard
+from serve.bundle.folders import run_dir_guard
 from serve.bundle.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -85,16 +85,15 @@ def require_trainer(trainer: Trainer | None, what: str) -> Trainer:
     return trainer
 
 
-def output_run_guard() -> FolderGuard:
-    """What a stage that writes a run directory (prune, distill) may replace at its output, with `overwrite`."""
-    return run_dir_guard(setting="overwrite", key="output folder", error=StageError)
+# What a stage that writes a run directory (prune, distill) may replace at its output, with `overwrite`.
+OUTPUT_RUN_GUARD = run_dir_guard(setting="overwrite", key="output folder", error=StageError)
 
 
 def check_output_run(out: Path, *, overwrite: bool) -> None:
     """Refuse, before any work, an output folder that holds anything unless `overwrite` may replace it."""
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise StageError(f"{out} already exists and is not empty; choose another output or pass overwrite")
-    output_run_guard().check(out)
+    OUTPUT_RUN_GUARD.check(out)
 
 
 def temp_dir_near(path: Path, tag: str) -> Path:
